@@ -1,0 +1,2 @@
+//! Embedding proxy-core: a placeholder until the server lands.
+fn main() {}

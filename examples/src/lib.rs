@@ -1,0 +1,1 @@
+//! Example programs live beside this crate; see `examples/*.rs`.

@@ -1,0 +1,1 @@
+//! Allow/deny by client address. (Being written.)

@@ -1,0 +1,1 @@
+//! Upstream groups and load balancing. (Being written.)

@@ -1,0 +1,1 @@
+//! Request and response buffering. (Being written.)

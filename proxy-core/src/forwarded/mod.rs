@@ -1,0 +1,1 @@
+//! Forwarded headers and the real client address. (Being written.)

@@ -1,0 +1,1 @@
+//! Response headers added per server and location. (Being written.)

@@ -1,0 +1,34 @@
+//! # proxy-core
+//!
+//! The reverse proxy as composable [`tower`] services: a server that accepts HTTP/1.1 and
+//! HTTP/2, a router of virtual servers and locations with nginx's precedence, a pooled
+//! upstream client, and one module per capability (forwarded headers, balancing, rate
+//! limits, buffering and timeouts, static files), each a `Layer` + `Service` usable on its
+//! own in any hyper or axum stack.
+//!
+//! Every service takes an [`http::Request<ProxyBody>`](body::ProxyBody) and answers with
+//! an `http::Response<ProxyBody>`; failures are responses with a status (502, 504, 413,
+//! 429...), never `Err`.
+#![deny(missing_docs)]
+
+pub mod access;
+pub mod balance;
+pub mod body;
+pub mod buffer;
+pub mod client_info;
+pub mod error;
+pub mod error_page;
+pub mod forwarded;
+pub mod headers;
+pub mod hop;
+pub mod limit;
+pub mod response;
+pub mod router;
+pub mod server;
+pub mod static_files;
+pub mod timeout;
+pub mod upstream;
+
+pub use body::{ProxyBody, Request, Response};
+pub use client_info::{ClientInfo, Scheme};
+pub use error::Error;

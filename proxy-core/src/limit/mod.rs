@@ -1,0 +1,1 @@
+//! Per-client rate limits (limit_req, limit_conn). (Being written.)

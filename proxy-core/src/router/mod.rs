@@ -1,0 +1,1 @@
+//! The router: virtual servers and locations. (Being written.)

@@ -1,0 +1,1 @@
+//! The server: listeners and connections. (Being written.)

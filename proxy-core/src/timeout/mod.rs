@@ -1,0 +1,1 @@
+//! Timeouts on bodies and connections. (Being written.)

@@ -1,0 +1,290 @@
+//! The pooled upstream client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderValue, HOST, UPGRADE};
+use http::uri::{Authority, PathAndQuery, Scheme as UriScheme, Uri};
+use http::{Method, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::{ProxyBody, Request, Response};
+use crate::error::{Error, Kind};
+use crate::hop;
+use crate::upstream::tunnel::{self, UpstreamTimeouts};
+
+/// How the [`UpstreamClient`] connects and pools.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// Idle keep-alive connections kept per upstream address (nginx's `keepalive`).
+    /// Default 32; 0 disables reuse.
+    pub keepalive: usize,
+    /// How long an idle pooled connection is kept. Default 4 s: below uvicorn's 5 s
+    /// `--timeout-keep-alive`, so the pool never reuses a connection the backend is
+    /// about to close (the classic intermittent 502).
+    pub keepalive_timeout: Duration,
+    /// Connect timeout (nginx's `proxy_connect_timeout`, default 60 s).
+    pub connect_timeout: Duration,
+    /// Time allowed for the response header after the request was sent
+    /// (nginx's `proxy_read_timeout` for the first byte, default 60 s).
+    pub read_timeout: Duration,
+    /// Upgrade protocols forwarded to the upstream (case-insensitive). Default
+    /// `["websocket"]`; `h2c` is never forwarded whatever this says.
+    pub upgrades: Vec<String>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            keepalive: 32,
+            keepalive_timeout: Duration::from_secs(4),
+            connect_timeout: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(60),
+            upgrades: vec!["websocket".to_owned()],
+        }
+    }
+}
+
+/// A pooled HTTP/1.1 client for upstream servers. Cheap to clone: clones share the pool.
+#[derive(Clone, Debug)]
+pub struct UpstreamClient {
+    inner: Client<HttpConnector, ProxyBody>,
+    config: Arc<ClientConfig>,
+}
+
+impl UpstreamClient {
+    /// A client with its own connection pool.
+    pub fn new(config: ClientConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.enforce_http(true);
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(config.keepalive)
+            .pool_idle_timeout(config.keepalive_timeout)
+            .retry_canceled_requests(true)
+            .set_host(false)
+            .build(connector);
+        UpstreamClient {
+            inner,
+            config: Arc::new(config),
+        }
+    }
+
+    /// The configuration this client was built with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Send `req` to `addr` and return the upstream's response header with its body
+    /// streaming behind it.
+    ///
+    /// The request is rewritten for the hop: HTTP/1.1, origin-form target, hop-by-hop
+    /// headers removed, `Host` kept as the client sent it (or taken from an absolute-form
+    /// target or HTTP/2 `:authority`). An idempotent request without a body that fails on
+    /// a connection the upstream closed before answering is retried once on a fresh one.
+    pub async fn send(&self, addr: SocketAddr, req: Request) -> Result<Response, Error> {
+        let timeouts = UpstreamTimeouts {
+            read_timeout: self.config.read_timeout,
+            idle_timeout: self.config.read_timeout,
+        };
+        self.send_with(addr, req, &timeouts).await
+    }
+
+    /// [`send`](Self::send) with a location's own read and upgraded-connection timeouts
+    /// (nginx's per-location `proxy_read_timeout`).
+    pub async fn send_with(
+        &self,
+        addr: SocketAddr,
+        mut req: Request,
+        timeouts: &UpstreamTimeouts,
+    ) -> Result<Response, Error> {
+        let upgrade = self.prepare(addr, &mut req)?;
+        // Take the client side of a possible upgrade before the request is consumed. Its
+        // upgraded stream only exists after we answered 101, so no byte the client sent
+        // after its upgrade request can reach the upstream before the upstream agreed.
+        let client_upgrade = if upgrade {
+            req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
+        let retry = retry_template(&req);
+        let first = self.send_once(req, timeouts.read_timeout).await;
+        let resp = match (first, retry) {
+            (Err(e), Some(again)) if is_stale_connection(&e) => {
+                tracing::debug!(%addr, error = ?e, "retrying on a fresh upstream connection");
+                self.send_once(again, timeouts.read_timeout)
+                    .await
+                    .map_err(map_error)?
+            }
+            (r, _) => r.map_err(map_error)?,
+        };
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return match client_upgrade {
+                Some(client_side) => {
+                    let mut resp = resp;
+                    let upstream_side = hyper::upgrade::on(&mut resp);
+                    tunnel::spawn(client_side, upstream_side, timeouts.idle_timeout);
+                    let mut resp = resp.map(|_| ProxyBody::empty());
+                    hop::strip(resp.headers_mut(), true);
+                    Ok(resp)
+                }
+                // A 101 we did not ask for cannot be relayed.
+                None => Err(Error::new(Kind::UpstreamProtocol)),
+            };
+        }
+        let mut resp = resp.map(ProxyBody::from);
+        hop::strip(resp.headers_mut(), false);
+        Ok(resp)
+    }
+
+    async fn send_once(
+        &self,
+        req: Request,
+        read_timeout: Duration,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+        match tokio::time::timeout(read_timeout, self.inner.request(req)).await {
+            Ok(r) => r.map_err(ClientError::Client),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    /// Rewrite `req` for the upstream hop; returns whether an upgrade is being proxied.
+    fn prepare(&self, addr: SocketAddr, req: &mut Request) -> Result<bool, Error> {
+        // Host: as the client sent it; an absolute-form target (or HTTP/2 :authority)
+        // replaces it (RFC 9112 §3.2.2).
+        let authority = req.uri().authority().cloned();
+        if let Some(auth) = authority {
+            let value = HeaderValue::from_str(auth.as_str())
+                .map_err(|e| Error::with_source(Kind::BadRequest, e))?;
+            req.headers_mut().insert(HOST, value);
+        }
+        let upgrade = self.wants_upgrade(req);
+        hop::strip(req.headers_mut(), upgrade);
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(UriScheme::HTTP);
+        parts.authority = Some(authority_of(addr)?);
+        parts.path_and_query = Some(pq);
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| Error::with_source(Kind::BadRequest, e))?;
+        *req.version_mut() = Version::HTTP_11;
+        Ok(upgrade)
+    }
+
+    fn wants_upgrade(&self, req: &Request) -> bool {
+        if req.version() != Version::HTTP_11 || !hop::connection_has(req.headers(), "upgrade") {
+            return false;
+        }
+        let Some(proto) = req.headers().get(UPGRADE).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let proto = proto.split('/').next().unwrap_or("").trim();
+        !proto.eq_ignore_ascii_case("h2c")
+            && self
+                .config
+                .upgrades
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(proto))
+    }
+}
+
+fn authority_of(addr: SocketAddr) -> Result<Authority, Error> {
+    Authority::try_from(addr.to_string()).map_err(|e| Error::with_source(Kind::Internal, e))
+}
+
+/// A copy of a body-less idempotent request, for the one stale-connection retry.
+fn retry_template(req: &Request) -> Option<Request> {
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = http::Request::new(ProxyBody::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+#[derive(Debug)]
+enum ClientError {
+    Client(hyper_util::client::legacy::Error),
+    Timeout,
+}
+
+/// Whether the upstream closed or reset the connection before any response byte: what a
+/// pooled connection that the backend timed out at the same moment looks like.
+fn is_stale_connection(e: &ClientError) -> bool {
+    let ClientError::Client(e) = e else {
+        return false;
+    };
+    if e.is_connect() {
+        return false;
+    }
+    if let Some(h) = find_source::<hyper::Error>(e) {
+        if h.is_incomplete_message() || h.is_canceled() {
+            return true;
+        }
+    }
+    find_source::<std::io::Error>(e).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionAborted
+        )
+    })
+}
+
+fn map_error(e: ClientError) -> Error {
+    let e = match e {
+        ClientError::Timeout => return Error::new(Kind::UpstreamTimeout),
+        ClientError::Client(e) => e,
+    };
+    if e.is_connect() {
+        let timed_out = find_source::<std::io::Error>(&e)
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+        let kind = if timed_out {
+            Kind::UpstreamConnectTimeout
+        } else {
+            Kind::UpstreamConnect
+        };
+        return Error::with_source(kind, e);
+    }
+    // The client's own body failing while we stream it up is the client's fault.
+    if let Some(h) = find_source::<hyper::Error>(&e) {
+        if h.is_body_write_aborted() || h.is_user() {
+            return Error::with_source(Kind::UpstreamSend, e);
+        }
+    }
+    if find_source::<Error>(&e).is_some() {
+        return Error::with_source(Kind::Downstream, e);
+    }
+    Error::with_source(Kind::UpstreamProtocol, e)
+}
+
+/// The first error of type `T` in `e`'s source chain.
+fn find_source<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = err.source();
+    }
+    None
+}

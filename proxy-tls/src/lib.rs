@@ -1,0 +1,2 @@
+//! TLS termination for proxy-core (rustls).
+#![deny(missing_docs)]
