@@ -67,6 +67,18 @@ impl ProxyBody {
         }
     }
 
+    /// A copy of this body if it can be replayed (empty or a single buffer), for retrying
+    /// a request on another upstream. Streamed bodies give `None`.
+    pub fn try_clone(&self) -> Option<ProxyBody> {
+        match &self.inner {
+            Inner::Empty => Some(ProxyBody::empty()),
+            Inner::Full { data } => Some(ProxyBody {
+                inner: Inner::Full { data: data.clone() },
+            }),
+            Inner::Incoming { .. } | Inner::Boxed { .. } => None,
+        }
+    }
+
     /// Wrap any body whose errors convert into [`Error`].
     pub fn boxed<B>(body: B) -> Self
     where

@@ -15,7 +15,7 @@
 //! assert_eq!(ClientInfo::of(&req).map(|c| c.peer), Some(info.peer));
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 /// The scheme a request arrived with.
@@ -65,4 +65,36 @@ impl ClientInfo {
     pub fn of<B>(req: &http::Request<B>) -> Option<&ClientInfo> {
         req.extensions().get::<ClientInfo>()
     }
+}
+
+/// The client as the forwarded-headers layer resolved it (from trusted proxies' headers,
+/// or the socket peer). Rate limits and access logs key on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RealClient {
+    /// The client's address.
+    pub ip: IpAddr,
+    /// The client's port, when known.
+    pub port: Option<u16>,
+    /// The scheme the client used to reach the first proxy.
+    pub scheme: Scheme,
+    /// The host the client asked for, when a trusted proxy said so.
+    pub host: Option<http::HeaderValue>,
+}
+
+/// The real client address of a request: the [`RealClient`] a forwarded-headers layer
+/// resolved, else the socket peer from [`ClientInfo`], else `None`.
+///
+/// ```
+/// use proxy_core::client_info::{client_ip, ClientInfo, Scheme};
+/// let mut req = http::Request::new(());
+/// assert_eq!(client_ip(&req), None);
+/// req.extensions_mut().insert(ClientInfo::new(
+///     "127.0.0.2:1".parse().unwrap(), "127.0.0.1:80".parse().unwrap(), Scheme::Http));
+/// assert_eq!(client_ip(&req), Some("127.0.0.2".parse().unwrap()));
+/// ```
+pub fn client_ip<B>(req: &http::Request<B>) -> Option<IpAddr> {
+    let ext = req.extensions();
+    ext.get::<RealClient>()
+        .map(|c| c.ip)
+        .or_else(|| ext.get::<ClientInfo>().map(|c| c.peer.ip()))
 }
