@@ -41,3 +41,20 @@ pub fn from_error(err: Error) -> Response {
 /// The error behind a proxy-generated error response, kept in its extensions.
 #[derive(Debug, Clone)]
 pub struct ErrorCause(pub std::sync::Arc<Error>);
+
+/// A marker in a response's extensions: close the client connection without sending
+/// anything (nginx's `return 444`). The server honours it; on HTTP/2 the stream is reset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CloseConnection;
+
+/// A response that makes the server close the connection with no bytes sent.
+///
+/// ```
+/// let resp = proxy_core::response::close();
+/// assert!(resp.extensions().get::<proxy_core::response::CloseConnection>().is_some());
+/// ```
+pub fn close() -> Response {
+    let mut resp = http::Response::new(ProxyBody::empty());
+    resp.extensions_mut().insert(CloseConnection);
+    resp
+}

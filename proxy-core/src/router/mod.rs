@@ -1,1 +1,414 @@
-//! The router: virtual servers and locations. (Being written.)
+//! The router: virtual servers chosen by `Host`, locations chosen by path with nginx's
+//! precedence, each location a tower service.
+//!
+//! ```
+//! use proxy_core::router::{Location, Pattern, Return, Router, ServerName, VirtualServer};
+//! use http::StatusCode;
+//! use tower::ServiceExt;
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let router = Router::builder()
+//!     .server(
+//!         VirtualServer::new([ServerName::parse("api.example.com").unwrap()])
+//!             .location(Location::new(Pattern::parse("/").unwrap(), Return::new(StatusCode::OK)))
+//!             .location(Location::new(Pattern::parse("~* /(wp-login|xmlrpc)").unwrap(), Return::close())),
+//!     )
+//!     .build()
+//!     .unwrap();
+//! let req = http::Request::builder().uri("/wp-login.php").header("host", "api.example.com")
+//!     .body(Default::default()).unwrap();
+//! let resp = router.oneshot(req).await.unwrap();
+//! assert!(resp.extensions().get::<proxy_core::response::CloseConnection>().is_some());
+//! # });
+//! ```
+
+mod actions;
+mod host;
+mod location;
+mod path;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{HeaderValue, HOST};
+use http::{Method, StatusCode, Version};
+use tower::util::{BoxCloneSyncService, Oneshot};
+use tower::ServiceExt;
+
+pub use actions::{Redirect, Return};
+pub use host::{host_of, ServerName};
+pub use location::{Locations, Pattern};
+pub use path::{normalize_path, PathError};
+
+use crate::body::{Request, Response};
+use crate::client_info::ClientInfo;
+use crate::response;
+
+/// The service a location runs.
+pub type LocationService = BoxCloneSyncService<Request, Response, Infallible>;
+
+/// One `location` block: a pattern and the service that handles what it matches.
+#[derive(Clone)]
+pub struct Location {
+    pattern: Pattern,
+    service: LocationService,
+    internal: bool,
+    allow_connect: bool,
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Location")
+            .field("pattern", &self.pattern)
+            .field("internal", &self.internal)
+            .finish()
+    }
+}
+
+impl Location {
+    /// A location handled by `service`.
+    pub fn new<S>(pattern: Pattern, service: S) -> Self
+    where
+        S: tower_service::Service<Request, Response = Response, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        Location {
+            pattern,
+            service: BoxCloneSyncService::new(service),
+            internal: false,
+            allow_connect: false,
+        }
+    }
+
+    /// nginx's `internal`: clients cannot request this location directly (404); error
+    /// pages and other internal uses still reach it.
+    pub fn internal(mut self, on: bool) -> Self {
+        self.internal = on;
+        self
+    }
+
+    /// Let CONNECT requests reach this location (refused with 405 otherwise).
+    pub fn allow_connect(mut self, on: bool) -> Self {
+        self.allow_connect = on;
+        self
+    }
+
+    /// The location's pattern.
+    pub fn pattern(&self) -> &Pattern {
+        &self.pattern
+    }
+}
+
+/// Which server and location handled a request; inserted into its extensions for logs
+/// and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The virtual server's first name (`_` for none).
+    pub server: Arc<str>,
+    /// The location's pattern as configured.
+    pub location: Arc<str>,
+}
+
+/// A `server` block: its names and locations.
+#[derive(Debug, Clone)]
+pub struct VirtualServer {
+    names: Vec<ServerName>,
+    locations: Vec<Location>,
+    default: bool,
+}
+
+impl VirtualServer {
+    /// A server answering to `names` (may be empty: then only as the default).
+    pub fn new(names: impl IntoIterator<Item = ServerName>) -> Self {
+        VirtualServer {
+            names: names.into_iter().collect(),
+            locations: Vec::new(),
+            default: false,
+        }
+    }
+
+    /// Add a location. Order matters only among regex locations.
+    pub fn location(mut self, location: Location) -> Self {
+        self.locations.push(location);
+        self
+    }
+
+    /// Make this the default server (nginx's `listen ... default_server`), used when no
+    /// name matches. Without one, the first server is the default.
+    pub fn default_server(mut self, on: bool) -> Self {
+        self.default = on;
+        self
+    }
+}
+
+/// Why a router could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RouterError {
+    /// A regex location did not compile.
+    Regex(regex::Error),
+    /// No server was added.
+    NoServers,
+}
+
+impl std::fmt::Display for RouterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouterError::Regex(e) => write!(f, "invalid location regex: {e}"),
+            RouterError::NoServers => f.write_str("no servers configured"),
+        }
+    }
+}
+
+impl std::error::Error for RouterError {}
+
+/// Builds a [`Router`].
+#[derive(Debug, Default)]
+pub struct RouterBuilder {
+    servers: Vec<VirtualServer>,
+}
+
+impl RouterBuilder {
+    /// Add a virtual server.
+    pub fn server(mut self, server: VirtualServer) -> Self {
+        self.servers.push(server);
+        self
+    }
+
+    /// Compile the router.
+    pub fn build(self) -> Result<Router, RouterError> {
+        if self.servers.is_empty() {
+            return Err(RouterError::NoServers);
+        }
+        let default = self.servers.iter().position(|s| s.default).unwrap_or(0);
+        let mut exact = HashMap::new();
+        let mut compiled = Vec::with_capacity(self.servers.len());
+        for (i, s) in self.servers.into_iter().enumerate() {
+            for n in &s.names {
+                if let ServerName::Exact(name) = n {
+                    exact.entry(name.clone()).or_insert(i);
+                }
+            }
+            let patterns: Vec<Pattern> = s.locations.iter().map(|l| l.pattern.clone()).collect();
+            let matcher = Locations::new(&patterns).map_err(RouterError::Regex)?;
+            let first_name: Arc<str> = match s.names.first() {
+                Some(ServerName::Exact(n)) => Arc::from(n.as_str()),
+                _ => Arc::from("_"),
+            };
+            let host_value = match s.names.first() {
+                Some(ServerName::Exact(n)) => HeaderValue::from_str(n).ok(),
+                _ => None,
+            };
+            let routes = s
+                .locations
+                .iter()
+                .map(|l| {
+                    Arc::new(Route {
+                        server: first_name.clone(),
+                        location: Arc::from(pattern_text(&l.pattern).as_str()),
+                    })
+                })
+                .collect();
+            compiled.push(CompiledServer {
+                names: s.names,
+                matcher,
+                locations: s.locations,
+                routes,
+                host_value,
+            });
+        }
+        Ok(Router {
+            inner: Arc::new(Inner {
+                servers: compiled,
+                exact,
+                default,
+            }),
+        })
+    }
+}
+
+fn pattern_text(p: &Pattern) -> String {
+    match p {
+        Pattern::Exact(s) => format!("= {s}"),
+        Pattern::Prefix(s) => s.clone(),
+        Pattern::PrefixNoRegex(s) => format!("^~ {s}"),
+        Pattern::Regex(s) => format!("~ {s}"),
+        Pattern::RegexCaseless(s) => format!("~* {s}"),
+    }
+}
+
+#[derive(Debug)]
+struct CompiledServer {
+    names: Vec<ServerName>,
+    matcher: Locations,
+    locations: Vec<Location>,
+    routes: Vec<Arc<Route>>,
+    /// `Host` given to HTTP/1.0 requests that sent none.
+    host_value: Option<HeaderValue>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    servers: Vec<CompiledServer>,
+    exact: HashMap<String, usize>,
+    default: usize,
+}
+
+/// The routing service. Cheap to clone; clones share the compiled tables.
+#[derive(Debug, Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+/// The future of a routed request.
+pub type RouteFuture = futures_like::Either<Oneshot<LocationService, Request>>;
+
+mod futures_like {
+    //! A two-way future: the location's, or an immediate response.
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use pin_project_lite::pin_project;
+
+    use crate::body::Response;
+
+    pin_project! {
+        /// Either a location's future or a ready response.
+        #[project = EitherProj]
+        #[derive(Debug)]
+        pub enum Either<F> {
+            /// The location's future.
+            Call { #[pin] fut: F },
+            /// An answer the router gave itself.
+            Ready { resp: Option<Response> },
+        }
+    }
+
+    impl<F, E> Future for Either<F>
+    where
+        F: Future<Output = Result<Response, E>>,
+    {
+        type Output = Result<Response, E>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            match self.project() {
+                EitherProj::Call { fut } => fut.poll(cx),
+                EitherProj::Ready { resp } => match resp.take() {
+                    Some(r) => Poll::Ready(Ok(r)),
+                    None => Poll::Pending,
+                },
+            }
+        }
+    }
+}
+
+impl Router {
+    /// Start building a router.
+    pub fn builder() -> RouterBuilder {
+        RouterBuilder::default()
+    }
+
+    fn server_for(&self, host: Option<&str>) -> usize {
+        let Some(host) = host else {
+            return self.inner.default;
+        };
+        if let Some(&i) = self.inner.exact.get(host) {
+            return i;
+        }
+        // Wildcards: nginx prefers the longest leading wildcard, then trailing ones.
+        let mut best: Option<(usize, usize)> = None;
+        for (i, s) in self.inner.servers.iter().enumerate() {
+            for n in &s.names {
+                if let ServerName::LeadingWildcard(suffix) = n {
+                    if n.matches(host) && best.is_none_or(|(len, _)| suffix.len() > len) {
+                        best = Some((suffix.len(), i));
+                    }
+                }
+            }
+        }
+        if let Some((_, i)) = best {
+            return i;
+        }
+        for (i, s) in self.inner.servers.iter().enumerate() {
+            for n in &s.names {
+                if let ServerName::TrailingWildcard(prefix) = n {
+                    if n.matches(host) && best.is_none_or(|(len, _)| prefix.len() > len) {
+                        best = Some((prefix.len(), i));
+                    }
+                }
+            }
+        }
+        best.map_or(self.inner.default, |(_, i)| i)
+    }
+
+    fn route(&self, req: &mut Request) -> Result<(LocationService, Arc<Route>), Response> {
+        let bad = || response::status(StatusCode::BAD_REQUEST);
+        // The authority of an absolute-form target (or HTTP/2 :authority) wins over Host.
+        let host_text: Option<String> = match req.uri().authority() {
+            Some(a) => Some(host_of(a.as_str()).ok_or_else(bad)?),
+            None => match req.headers().get(HOST) {
+                Some(v) => Some(host_of(v.to_str().map_err(|_| bad())?).ok_or_else(bad)?),
+                None if req.version() == Version::HTTP_11 => return Err(bad()),
+                None => None,
+            },
+        };
+        let server = &self.inner.servers[self.server_for(host_text.as_deref())];
+        if host_text.is_none() {
+            // An HTTP/1.0 request without Host gets the server's name, or the listener's
+            // address, so the upstream still sees one.
+            let value = server.host_value.clone().or_else(|| {
+                ClientInfo::of(req).and_then(|c| HeaderValue::try_from(c.local.to_string()).ok())
+            });
+            if let Some(v) = value {
+                req.headers_mut().insert(HOST, v);
+            }
+        }
+        if req.method() == Method::CONNECT {
+            let found = server.locations.iter().zip(&server.routes).find(|(l, _)| l.allow_connect);
+            return match found {
+                Some((l, r)) => Ok((l.service.clone(), r.clone())),
+                None => Err(response::status(StatusCode::METHOD_NOT_ALLOWED)),
+            };
+        }
+        let path = normalize_path(req.uri().path()).map_err(|_| bad())?;
+        let i = server
+            .matcher
+            .find(&path)
+            .ok_or_else(|| response::status(StatusCode::NOT_FOUND))?;
+        let (Some(loc), Some(route)) = (server.locations.get(i), server.routes.get(i)) else {
+            return Err(response::status(StatusCode::NOT_FOUND));
+        };
+        if loc.internal {
+            return Err(response::status(StatusCode::NOT_FOUND));
+        }
+        Ok((loc.service.clone(), route.clone()))
+    }
+}
+
+impl tower_service::Service<Request> for Router {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = RouteFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request) -> RouteFuture {
+        match self.route(&mut req) {
+            Ok((svc, route)) => {
+                req.extensions_mut().insert(route);
+                futures_like::Either::Call {
+                    fut: svc.oneshot(req),
+                }
+            }
+            Err(resp) => futures_like::Either::Ready { resp: Some(resp) },
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Location matching with nginx's precedence.
+
+use std::collections::HashMap;
+
+use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+
+/// How a location matches the normalised request path (nginx's modifiers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pattern {
+    /// `location = /x`: exactly this path.
+    Exact(String),
+    /// `location /x`: paths starting with this prefix.
+    Prefix(String),
+    /// `location ^~ /x`: a prefix that, when it is the longest match, stops the regex search.
+    PrefixNoRegex(String),
+    /// `location ~ re`: a case-sensitive regular expression.
+    Regex(String),
+    /// `location ~* re`: a case-insensitive regular expression.
+    RegexCaseless(String),
+}
+
+impl Pattern {
+    /// Parse nginx's syntax: `= /x`, `^~ /x`, `~ re`, `~* re` or `/x`.
+    ///
+    /// ```
+    /// use proxy_core::router::Pattern;
+    /// assert_eq!(Pattern::parse("= /login"), Some(Pattern::Exact("/login".into())));
+    /// assert_eq!(Pattern::parse("~* \\.php$"), Some(Pattern::RegexCaseless("\\.php$".into())));
+    /// assert_eq!(Pattern::parse("/static/"), Some(Pattern::Prefix("/static/".into())));
+    /// assert_eq!(Pattern::parse("static"), None);
+    /// ```
+    pub fn parse(s: &str) -> Option<Pattern> {
+        let s = s.trim();
+        let (modifier, rest) = match s.split_once(char::is_whitespace) {
+            Some((m, rest)) if matches!(m, "=" | "^~" | "~" | "~*") => (m, rest.trim()),
+            _ => ("", s),
+        };
+        if rest.is_empty() {
+            return None;
+        }
+        let path_like = rest.starts_with('/');
+        match modifier {
+            "=" if path_like => Some(Pattern::Exact(rest.to_owned())),
+            "^~" if path_like => Some(Pattern::PrefixNoRegex(rest.to_owned())),
+            "~" => Some(Pattern::Regex(rest.to_owned())),
+            "~*" => Some(Pattern::RegexCaseless(rest.to_owned())),
+            "" if path_like => Some(Pattern::Prefix(rest.to_owned())),
+            _ => None,
+        }
+    }
+
+    /// Compile the regex of a regex pattern, to check it up front.
+    pub fn compile(&self) -> Result<Option<Regex>, regex::Error> {
+        match self {
+            Pattern::Regex(r) => RegexBuilder::new(r).size_limit(1 << 20).build().map(Some),
+            Pattern::RegexCaseless(r) => RegexBuilder::new(r)
+                .case_insensitive(true)
+                .size_limit(1 << 20)
+                .build()
+                .map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// A compiled set of location patterns; [`Locations::find`] returns the index of the
+/// winning one, following nginx: an exact match wins; else the longest prefix is
+/// remembered, and wins at once if it is `^~`; else the regexes are tried in
+/// configuration order and the first match wins; else the longest prefix.
+#[derive(Debug, Clone)]
+pub struct Locations {
+    exact: HashMap<String, usize>,
+    /// (prefix, index, stops regex search), longest first.
+    prefixes: Vec<(String, usize, bool)>,
+    regexes: Option<RegexSet>,
+    /// Location index of each regex in `regexes`, in configuration order.
+    regex_index: Vec<usize>,
+}
+
+impl Locations {
+    /// Compile `patterns` (index = position).
+    ///
+    /// ```
+    /// use proxy_core::router::{Locations, Pattern};
+    /// let l = Locations::new(&[
+    ///     Pattern::Prefix("/".into()),
+    ///     Pattern::Exact("/".into()),
+    ///     Pattern::PrefixNoRegex("/images/".into()),
+    ///     Pattern::RegexCaseless("\\.(gif|jpg)$".into()),
+    /// ]).unwrap();
+    /// assert_eq!(l.find("/"), Some(1));
+    /// assert_eq!(l.find("/index.html"), Some(0));
+    /// assert_eq!(l.find("/images/1.gif"), Some(2));
+    /// assert_eq!(l.find("/docs/1.JPG"), Some(3));
+    /// ```
+    pub fn new(patterns: &[Pattern]) -> Result<Self, regex::Error> {
+        let mut exact = HashMap::new();
+        let mut prefixes = Vec::new();
+        let mut regex_src = Vec::new();
+        let mut regex_index = Vec::new();
+        for (i, p) in patterns.iter().enumerate() {
+            match p {
+                Pattern::Exact(s) => {
+                    exact.entry(s.clone()).or_insert(i);
+                }
+                Pattern::Prefix(s) => prefixes.push((s.clone(), i, false)),
+                Pattern::PrefixNoRegex(s) => prefixes.push((s.clone(), i, true)),
+                Pattern::Regex(r) => {
+                    regex_src.push(r.clone());
+                    regex_index.push(i);
+                }
+                Pattern::RegexCaseless(r) => {
+                    regex_src.push(format!("(?i:{r})"));
+                    regex_index.push(i);
+                }
+            }
+        }
+        // Longest first; among equal prefixes the first configured wins (stable sort).
+        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        let regexes = if regex_src.is_empty() {
+            None
+        } else {
+            Some(RegexSetBuilder::new(&regex_src).size_limit(1 << 22).build()?)
+        };
+        Ok(Locations {
+            exact,
+            prefixes,
+            regexes,
+            regex_index,
+        })
+    }
+
+    /// The index of the location that handles `path` (already normalised).
+    pub fn find(&self, path: &str) -> Option<usize> {
+        if let Some(&i) = self.exact.get(path) {
+            return Some(i);
+        }
+        let prefix = self
+            .prefixes
+            .iter()
+            .find(|(p, _, _)| path.starts_with(p.as_str()));
+        if let Some((_, i, true)) = prefix {
+            return Some(*i);
+        }
+        if let Some(set) = &self.regexes {
+            // RegexSet reports every match; the lowest index is the first configured.
+            if let Some(first) = set.matches(path).iter().next() {
+                return self.regex_index.get(first).copied();
+            }
+        }
+        prefix.map(|(_, i, _)| *i)
+    }
+}

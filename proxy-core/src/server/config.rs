@@ -1,0 +1,59 @@
+//! Connection-level HTTP settings, with nginx's defaults.
+
+use std::time::Duration;
+
+/// Per-connection HTTP settings of a server.
+///
+/// ```
+/// use proxy_core::server::HttpConfig;
+/// let c = HttpConfig::default();
+/// assert_eq!(c.header_read_timeout, std::time::Duration::from_secs(60));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HttpConfig {
+    /// Time allowed to receive a whole request header (nginx's `client_header_timeout`,
+    /// default 60 s). hyper also applies it to the wait for the next request on an idle
+    /// keep-alive connection, so it doubles as the keep-alive idle timeout.
+    pub header_read_timeout: Duration,
+    /// Keep client connections open between requests (default on).
+    pub keep_alive: bool,
+    /// Requests served on one connection before it is closed (nginx's
+    /// `keepalive_requests`, default 1000).
+    pub max_requests_per_connection: u32,
+    /// Largest request header block in bytes, request line included (nginx's
+    /// `large_client_header_buffers`, default 8 KiB × 4 = 32 KiB). Past it: 431, or 414
+    /// for an overlong request line.
+    pub max_header_size: usize,
+    /// Most header fields in one request (default 100). Past it: 431.
+    pub max_headers: usize,
+    /// HTTP/2 PING interval on idle connections (default 20 s; none disables).
+    pub h2_keep_alive_interval: Option<Duration>,
+    /// HTTP/2 PING acknowledgement timeout (default 20 s).
+    pub h2_keep_alive_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection (nginx's `http2_max_concurrent_streams`,
+    /// default 128).
+    pub h2_max_concurrent_streams: u32,
+    /// Connections served at once by one listener; further connections get a 503 and
+    /// are closed (nginx's `limit_conn` per server / `worker_connections`). None: no cap.
+    pub max_connections: Option<usize>,
+    /// How long graceful shutdown waits for in-flight requests (default 30 s).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_read_timeout: Duration::from_secs(60),
+            keep_alive: true,
+            max_requests_per_connection: 1000,
+            max_header_size: 32 * 1024,
+            max_headers: 100,
+            h2_keep_alive_interval: Some(Duration::from_secs(20)),
+            h2_keep_alive_timeout: Duration::from_secs(20),
+            h2_max_concurrent_streams: 128,
+            max_connections: None,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}

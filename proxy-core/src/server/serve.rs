@@ -1,0 +1,280 @@
+//! [`Server`]: the accept loop, connection driving and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::body::{Request, Response};
+use crate::client_info::{ClientInfo, Scheme};
+use crate::server::adapter::Adapter;
+use crate::server::{Accept, HttpConfig, Plain};
+
+/// Serves a tower service on a listener: HTTP/1.1 and cleartext HTTP/2 (prior knowledge)
+/// on one port, keep-alive, upgrades, graceful shutdown.
+///
+/// ```
+/// use proxy_core::server::Server;
+/// use proxy_core::{ProxyBody, Request, Response};
+/// use std::convert::Infallible;
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// let addr = listener.local_addr().unwrap();
+/// let hello = tower::service_fn(|_req: Request| async {
+///     Ok::<_, Infallible>(Response::new(ProxyBody::from("hello")))
+/// });
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let server = tokio::spawn(Server::new(listener).serve(hello, async { stopped.await.ok(); }));
+///
+/// let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+/// let (mut send, conn) = hyper::client::conn::http1::handshake::<_, ProxyBody>(
+///     hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+/// tokio::spawn(conn);
+/// let resp = send.send_request(http::Request::new(ProxyBody::empty())).await.unwrap();
+/// assert_eq!(resp.status(), 200);
+/// stop.send(()).unwrap();
+/// server.await.unwrap().unwrap();
+/// # });
+/// ```
+#[derive(Debug)]
+pub struct Server<A = Plain> {
+    listener: TcpListener,
+    acceptor: A,
+    scheme: Scheme,
+    config: HttpConfig,
+    stats: Arc<ServerStats>,
+}
+
+/// Live counters of a server, shared with whoever holds a clone of the `Arc`.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    accepted: AtomicUsize,
+    active: AtomicUsize,
+    refused: AtomicUsize,
+}
+
+impl ServerStats {
+    /// Connections accepted since start.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Connections answered 503 because the connection cap was reached.
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+impl Server<Plain> {
+    /// A plain-HTTP server on `listener` with default settings.
+    pub fn new(listener: TcpListener) -> Self {
+        Server {
+            listener,
+            acceptor: Plain,
+            scheme: Scheme::Http,
+            config: HttpConfig::default(),
+            stats: Arc::default(),
+        }
+    }
+}
+
+impl<A: Accept> Server<A> {
+    /// Use `acceptor` for each connection (TLS, PROXY protocol). `scheme` is what the
+    /// connection's [`ClientInfo`] starts with; the acceptor may change it.
+    pub fn with_acceptor<B: Accept>(self, acceptor: B, scheme: Scheme) -> Server<B> {
+        Server {
+            listener: self.listener,
+            acceptor,
+            scheme,
+            config: self.config,
+            stats: self.stats,
+        }
+    }
+
+    /// Use these connection settings.
+    pub fn config(mut self, config: HttpConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The server's live counters.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.stats.clone()
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accept and serve connections until `shutdown` completes; then stop accepting,
+    /// close idle keep-alive connections, let in-flight requests finish for up to
+    /// [`HttpConfig::shutdown_timeout`], and return.
+    pub async fn serve<S>(self, service: S, shutdown: impl Future<Output = ()>) -> std::io::Result<()>
+    where
+        S: tower_service::Service<Request, Response = Response, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let builder = Arc::new(http_builder(&self.config));
+        let graceful = GracefulShutdown::new();
+        let cap = self.config.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+        let local = self.listener.local_addr()?;
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                r = self.listener.accept() => match r {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // EMFILE and friends: log and keep going after a pause, as
+                        // nginx does, rather than spin or exit.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            let permit = match &cap {
+                None => None,
+                Some(sem) => match sem.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::spawn(refuse(stream, self.config.header_read_timeout));
+                        continue;
+                    }
+                },
+            };
+            let info = ClientInfo::new(peer, local, self.scheme);
+            let conn = Connection {
+                acceptor: self.acceptor.clone(),
+                service: service.clone(),
+                builder: builder.clone(),
+                watcher: graceful.watcher(),
+                stats: self.stats.clone(),
+                max_requests: self.config.max_requests_per_connection,
+                _permit: permit,
+            };
+            tokio::spawn(conn.run(stream, info));
+        }
+        drop(self.listener);
+        if tokio::time::timeout(self.config.shutdown_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("graceful shutdown deadline passed with requests in flight");
+        }
+        Ok(())
+    }
+}
+
+/// One accepted connection, everything it needs moved into its task.
+struct Connection<A, S> {
+    acceptor: A,
+    service: S,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    stats: Arc<ServerStats>,
+    max_requests: u32,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl<A, S> Connection<A, S>
+where
+    A: Accept,
+    S: tower_service::Service<Request, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    async fn run(self, stream: TcpStream, mut info: ClientInfo) {
+        let _active = ActiveGuard::new(&self.stats);
+        // Inherited from the listener on Linux; set again for other platforms.
+        let _ = stream.set_nodelay(true);
+        let io = match self.acceptor.accept(stream, &mut info).await {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::debug!(peer = %info.peer, error = %e, "connection refused by acceptor");
+                return;
+            }
+        };
+        let peer = info.peer;
+        let adapter = Adapter::new(self.service, info, self.max_requests);
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), adapter);
+        let conn = self.watcher.watch(conn.into_owned());
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+struct ActiveGuard(Arc<ServerStats>);
+
+impl ActiveGuard {
+    fn new(stats: &Arc<ServerStats>) -> Self {
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(stats.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Answer a connection over the cap with one 503 and close it.
+async fn refuse(stream: TcpStream, header_timeout: std::time::Duration) {
+    let svc = hyper::service::service_fn(|_req| async {
+        let mut resp = crate::response::status(http::StatusCode::SERVICE_UNAVAILABLE);
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        Ok::<_, Infallible>(resp)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc);
+    let _ = conn.await;
+}
+
+fn http_builder(c: &HttpConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(c.header_read_timeout)
+        .keep_alive(c.keep_alive)
+        .max_buf_size(c.max_header_size.max(8192))
+        .max_headers(c.max_headers)
+        .half_close(false);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(c.h2_keep_alive_interval)
+        .keep_alive_timeout(c.h2_keep_alive_timeout)
+        .max_concurrent_streams(c.h2_max_concurrent_streams);
+    b
+}
