@@ -135,7 +135,9 @@ impl Redirect {
     }
 
     fn location(&self, req: &Request) -> Option<HeaderValue> {
-        let req_scheme = ClientInfo::of(req).map_or(Scheme::Http, |c| c.scheme).as_str();
+        let req_scheme = ClientInfo::of(req)
+            .map_or(Scheme::Http, |c| c.scheme)
+            .as_str();
         let scheme = self.scheme.unwrap_or(req_scheme);
         let host_header = req
             .headers()

@@ -40,8 +40,12 @@ impl ServerName {
     pub fn matches(&self, host: &str) -> bool {
         match self {
             ServerName::Exact(n) => n == host,
-            ServerName::LeadingWildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
-            ServerName::TrailingWildcard(prefix) => host.len() > prefix.len() && host.starts_with(prefix.as_str()),
+            ServerName::LeadingWildcard(suffix) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
+            ServerName::TrailingWildcard(prefix) => {
+                host.len() > prefix.len() && host.starts_with(prefix.as_str())
+            }
         }
     }
 }
@@ -73,9 +77,9 @@ pub fn host_of(value: &str) -> Option<String> {
     }
     let valid = !host.is_empty()
         && host.len() <= 255
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':'));
+        && host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':')
+        });
     valid.then(|| {
         let h = host.strip_suffix('.').unwrap_or(host);
         h.to_ascii_lowercase()

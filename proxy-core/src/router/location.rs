@@ -120,7 +120,11 @@ impl Locations {
         let regexes = if regex_src.is_empty() {
             None
         } else {
-            Some(RegexSetBuilder::new(&regex_src).size_limit(1 << 22).build()?)
+            Some(
+                RegexSetBuilder::new(&regex_src)
+                    .size_limit(1 << 22)
+                    .build()?,
+            )
         };
         Ok(Locations {
             exact,

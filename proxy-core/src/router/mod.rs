@@ -370,7 +370,11 @@ impl Router {
             }
         }
         if req.method() == Method::CONNECT {
-            let found = server.locations.iter().zip(&server.routes).find(|(l, _)| l.allow_connect);
+            let found = server
+                .locations
+                .iter()
+                .zip(&server.routes)
+                .find(|(l, _)| l.allow_connect);
             return match found {
                 Some((l, r)) => Ok((l.service.clone(), r.clone())),
                 None => Err(response::status(StatusCode::METHOD_NOT_ALLOWED)),

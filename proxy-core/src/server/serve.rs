@@ -121,7 +121,11 @@ impl<A: Accept> Server<A> {
     /// Accept and serve connections until `shutdown` completes; then stop accepting,
     /// close idle keep-alive connections, let in-flight requests finish for up to
     /// [`HttpConfig::shutdown_timeout`], and return.
-    pub async fn serve<S>(self, service: S, shutdown: impl Future<Output = ()>) -> std::io::Result<()>
+    pub async fn serve<S>(
+        self,
+        service: S,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()>
     where
         S: tower_service::Service<Request, Response = Response, Error = Infallible>
             + Clone
@@ -132,7 +136,10 @@ impl<A: Accept> Server<A> {
     {
         let builder = Arc::new(http_builder(&self.config));
         let graceful = GracefulShutdown::new();
-        let cap = self.config.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+        let cap = self
+            .config
+            .max_connections
+            .map(|n| Arc::new(Semaphore::new(n)));
         let local = self.listener.local_addr()?;
         tokio::pin!(shutdown);
         loop {

@@ -139,6 +139,9 @@ impl UpstreamClient {
             };
         }
         let mut resp = resp.map(ProxyBody::from);
+        // The client's connection has its own version; an HTTP/1.0 upstream's answer is
+        // relayed on it as HTTP/1.1 framing decided by hyper.
+        *resp.version_mut() = Version::HTTP_11;
         hop::strip(resp.headers_mut(), false);
         Ok(resp)
     }
@@ -175,7 +178,8 @@ impl UpstreamClient {
         parts.scheme = Some(UriScheme::HTTP);
         parts.authority = Some(authority_of(addr)?);
         parts.path_and_query = Some(pq);
-        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| Error::with_source(Kind::BadRequest, e))?;
+        *req.uri_mut() =
+            Uri::from_parts(parts).map_err(|e| Error::with_source(Kind::BadRequest, e))?;
         *req.version_mut() = Version::HTTP_11;
         Ok(upgrade)
     }

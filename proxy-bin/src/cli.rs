@@ -1,0 +1,137 @@
+//! The command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Source};
+
+/// A reverse proxy for web applications (FastAPI/uvicorn first of all).
+#[derive(Debug, Parser)]
+#[command(name = "proxy", version, about)]
+struct Cli {
+    /// Log level or filter (`info`, `debug`, `proxy_core=trace`); RUST_LOG also works.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy. Without -c and without --upstream it uses the embedded default:
+    /// listen on 127.0.0.1:8080, forward to 127.0.0.1:8000.
+    Run {
+        /// The config file.
+        #[arg(short, long, conflicts_with_all = ["listen", "upstream"])]
+        config: Option<PathBuf>,
+        /// One-line form: the address to listen on (with --upstream).
+        #[arg(long, requires = "upstream")]
+        listen: Option<SocketAddr>,
+        /// One-line form: an upstream address; repeat for several.
+        #[arg(long)]
+        upstream: Vec<SocketAddr>,
+        /// Worker threads (default: one per core; overrides the config file).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Check a config file and report every error with file, line and key (like `nginx -t`).
+    Check {
+        /// The config file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(&cli.log_level);
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run {
+            config,
+            listen,
+            upstream,
+            workers,
+        } => {
+            let source = match (config, upstream.is_empty()) {
+                (Some(path), _) => match Source::read(&path) {
+                    Ok(s) => s,
+                    Err(errs) => return report(&errs),
+                },
+                (None, true) => Source::default_config(),
+                (None, false) => one_line(listen, &upstream),
+            };
+            let mut plan = match config::load(&source) {
+                Ok(p) => p,
+                Err(errs) => return report(&errs),
+            };
+            if workers.is_some() {
+                plan.workers = workers;
+            }
+            match crate::run::run(plan) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("proxy: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let source = match Source::read(path) {
+        Ok(s) => s,
+        Err(errs) => return report(&errs),
+    };
+    match config::load(&source) {
+        Ok(plan) => {
+            println!(
+                "{}: ok ({} listener{})",
+                path.display(),
+                plan.listeners.len(),
+                if plan.listeners.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errs) => report(&errs),
+    }
+}
+
+fn report(errs: &[config::Diagnostic]) -> ExitCode {
+    for e in errs {
+        eprintln!("{e}");
+    }
+    ExitCode::FAILURE
+}
+
+/// `proxy run --listen A --upstream B [--upstream C]` as a config text.
+fn one_line(listen: Option<SocketAddr>, upstreams: &[SocketAddr]) -> Source {
+    let listen = listen.map_or_else(|| "127.0.0.1:8080".to_owned(), |a| a.to_string());
+    let servers: Vec<String> = upstreams
+        .iter()
+        .map(|u| format!("{{ addr = \"{u}\" }}"))
+        .collect();
+    let text = format!(
+        "[upstream.app]\nservers = [{}]\n\n[[server]]\nlisten = [\"{listen}\"]\n\n[[server.location]]\npath = \"/\"\nproxy_pass = \"app\"\n",
+        servers.join(", ")
+    );
+    Source {
+        file: PathBuf::from("<command line>"),
+        text,
+    }
+}
+
+fn init_logs(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
