@@ -59,3 +59,18 @@ pub fn close() -> Response {
     resp.extensions_mut().insert(CloseConnection);
     resp
 }
+
+/// A 400 that also closes the connection, as nginx does for a request it could not make
+/// sense of: what follows on the connection cannot be trusted to be framed right.
+///
+/// ```
+/// let resp = proxy_core::response::bad_request();
+/// assert_eq!(resp.status(), 400);
+/// assert_eq!(resp.headers()["connection"], "close");
+/// ```
+pub fn bad_request() -> Response {
+    let mut resp = status(StatusCode::BAD_REQUEST);
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}

@@ -348,7 +348,7 @@ impl Router {
     }
 
     fn route(&self, req: &mut Request) -> Result<(LocationService, Arc<Route>), Response> {
-        let bad = || response::status(StatusCode::BAD_REQUEST);
+        let bad = response::bad_request;
         // The authority of an absolute-form target (or HTTP/2 :authority) wins over Host.
         let host_text: Option<String> = match req.uri().authority() {
             Some(a) => Some(host_of(a.as_str()).ok_or_else(bad)?),

@@ -85,7 +85,7 @@ fn reject_framing(req: &Request) -> Option<Response> {
     let h = req.headers();
     let te = h.contains_key(TRANSFER_ENCODING);
     let ambiguous = te && (h.contains_key(CONTENT_LENGTH) || req.version() == Version::HTTP_10);
-    ambiguous.then(|| response::status(StatusCode::BAD_REQUEST))
+    ambiguous.then(response::bad_request)
 }
 
 pin_project! {
