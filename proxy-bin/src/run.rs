@@ -1,7 +1,5 @@
 //! Running a plan: the runtime, the listeners, and the signals.
 
-use std::future::Future;
-
 use proxy_core::server::Server;
 use tokio::sync::watch;
 
@@ -50,10 +48,8 @@ async fn serve(plan: Plan) -> std::io::Result<()> {
     Ok(())
 }
 
-fn stopped(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    }
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 /// SIGTERM (systemd, Kubernetes) or SIGINT (Ctrl-C).

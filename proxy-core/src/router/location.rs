@@ -116,7 +116,7 @@ impl Locations {
             }
         }
         // Longest first; among equal prefixes the first configured wins (stable sort).
-        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         let regexes = if regex_src.is_empty() {
             None
         } else {

@@ -347,8 +347,8 @@ impl Router {
         best.map_or(self.inner.default, |(_, i)| i)
     }
 
-    fn route(&self, req: &mut Request) -> Result<(LocationService, Arc<Route>), Response> {
-        let bad = response::bad_request;
+    fn route(&self, req: &mut Request) -> Result<(LocationService, Arc<Route>), Refusal> {
+        let bad = || Refusal::BadRequest;
         // The authority of an absolute-form target (or HTTP/2 :authority) wins over Host.
         let host_text: Option<String> = match req.uri().authority() {
             Some(a) => Some(host_of(a.as_str()).ok_or_else(bad)?),
@@ -377,21 +377,42 @@ impl Router {
                 .find(|(l, _)| l.allow_connect);
             return match found {
                 Some((l, r)) => Ok((l.service.clone(), r.clone())),
-                None => Err(response::status(StatusCode::METHOD_NOT_ALLOWED)),
+                None => Err(Refusal::MethodNotAllowed),
             };
         }
         let path = normalize_path(req.uri().path()).map_err(|_| bad())?;
         let i = server
             .matcher
             .find(&path)
-            .ok_or_else(|| response::status(StatusCode::NOT_FOUND))?;
+            .ok_or(Refusal::NotFound)?;
         let (Some(loc), Some(route)) = (server.locations.get(i), server.routes.get(i)) else {
-            return Err(response::status(StatusCode::NOT_FOUND));
+            return Err(Refusal::NotFound);
         };
         if loc.internal {
-            return Err(response::status(StatusCode::NOT_FOUND));
+            return Err(Refusal::NotFound);
         }
         Ok((loc.service.clone(), route.clone()))
+    }
+}
+
+/// Why the router answered a request itself.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    /// Unroutable: bad Host, bad path (closes the connection).
+    BadRequest,
+    /// No location matches, or the location is internal.
+    NotFound,
+    /// CONNECT without a location that allows it.
+    MethodNotAllowed,
+}
+
+impl Refusal {
+    fn response(self) -> Response {
+        match self {
+            Refusal::BadRequest => response::bad_request(),
+            Refusal::NotFound => response::status(StatusCode::NOT_FOUND),
+            Refusal::MethodNotAllowed => response::status(StatusCode::METHOD_NOT_ALLOWED),
+        }
     }
 }
 
@@ -412,7 +433,9 @@ impl tower_service::Service<Request> for Router {
                     fut: svc.oneshot(req),
                 }
             }
-            Err(resp) => futures_like::Either::Ready { resp: Some(resp) },
+            Err(refusal) => futures_like::Either::Ready {
+                resp: Some(refusal.response()),
+            },
         }
     }
 }

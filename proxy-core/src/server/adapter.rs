@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{StatusCode, Version};
+use http::Version;
 use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower::ServiceExt;
