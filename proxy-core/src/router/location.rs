@@ -155,3 +155,91 @@ impl Locations {
         prefix.map(|(_, i, _)| *i)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn locs(specs: &[&str]) -> Locations {
+        let patterns: Vec<Pattern> = specs.iter().map(|s| Pattern::parse(s).unwrap()).collect();
+        Locations::new(&patterns).unwrap()
+    }
+
+    #[test]
+    fn exact_match_wins_over_everything() {
+        let l = locs(&["/", "~ ^/login$", "^~ /login", "= /login"]);
+        assert_eq!(l.find("/login"), Some(3));
+        assert_eq!(l.find("/login/x"), Some(2));
+    }
+
+    #[test]
+    fn longest_prefix_is_remembered_and_used_when_no_regex_matches() {
+        let l = locs(&["/", "/api/", "/api/v1/", "~ \\.php$"]);
+        assert_eq!(l.find("/api/v1/users"), Some(2));
+        assert_eq!(l.find("/api/v2"), Some(1));
+        assert_eq!(l.find("/other"), Some(0));
+    }
+
+    #[test]
+    fn regex_beats_a_plain_longest_prefix() {
+        let l = locs(&["/", "/api/", "~ \\.php$"]);
+        assert_eq!(l.find("/api/x.php"), Some(2));
+    }
+
+    #[test]
+    fn caret_tilde_prefix_stops_the_regex_search_only_when_longest() {
+        let l = locs(&["^~ /images/", "/images/big/", "~* \\.gif$"]);
+        // ^~ is the longest match: regexes are skipped.
+        assert_eq!(l.find("/images/a.gif"), Some(0));
+        // A longer plain prefix matches: the regex search happens and wins.
+        assert_eq!(l.find("/images/big/a.gif"), Some(2));
+        assert_eq!(l.find("/images/big/a.png"), Some(1));
+    }
+
+    #[test]
+    fn first_matching_regex_in_configuration_order_wins() {
+        let l = locs(&["~ /a", "~* /A/B", "~ /a/b"]);
+        assert_eq!(l.find("/a/b"), Some(0));
+        let l = locs(&["~ ^/x/y", "~ ^/x"]);
+        assert_eq!(l.find("/x/y"), Some(0));
+        assert_eq!(l.find("/x/z"), Some(1));
+    }
+
+    #[test]
+    fn case_sensitivity_of_regexes() {
+        let l = locs(&["~ \\.PHP$", "~* \\.jpg$"]);
+        assert_eq!(l.find("/a.php"), None);
+        assert_eq!(l.find("/a.PHP"), Some(0));
+        assert_eq!(l.find("/a.JpG"), Some(1));
+    }
+
+    #[test]
+    fn no_match_is_none() {
+        let l = locs(&["/api/", "= /x"]);
+        assert_eq!(l.find("/other"), None);
+    }
+
+    #[test]
+    fn parse_rejects_garbage() {
+        for bad in ["", "=", "= relative", "^~ rel", "relative", "~"] {
+            assert_eq!(Pattern::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the paths, the winner is an exact match if one exists, and a prefix
+        /// winner is always the longest matching prefix.
+        #[test]
+        fn precedence_holds(prefixes in proptest::collection::vec("/[ab]{0,3}", 1..6), path in "/[ab/]{0,6}") {
+            let specs: Vec<String> = prefixes.iter().map(|p| p.clone()).collect();
+            let refs: Vec<&str> = specs.iter().map(String::as_str).collect();
+            let l = locs(&refs);
+            if let Some(i) = l.find(&path) {
+                let longest = specs.iter().filter(|p| path.starts_with(p.as_str())).map(|p| p.len()).max();
+                proptest::prop_assert_eq!(Some(specs[i].len()), longest);
+            } else {
+                proptest::prop_assert!(!specs.iter().any(|p| path.starts_with(p.as_str())));
+            }
+        }
+    }
+}

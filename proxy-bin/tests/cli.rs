@@ -1,0 +1,169 @@
+//! The `proxy` binary as a user runs it: `check` on good and bad files, `run` with a
+//! config file and with the one-line form, SIGTERM draining an in-flight request.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(15);
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_proxy"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+#[test]
+fn check_accepts_every_example_config() {
+    let dir = repo().join("examples/configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let out = bin().arg("check").arg("-c").arg(&path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{} rejected:\n{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        n += 1;
+    }
+    assert!(n >= 3, "expected one example config per seed, found {n}");
+}
+
+#[test]
+fn check_reports_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[server]]\nlisten = [\"127.0.0.1:8080\"]\n\n[[server.location]]\npath = \"/\"\nproxy_pass = \"missing\"\nproxy_read_timeout = \"60\"\n",
+    )
+    .unwrap();
+    let out = bin().arg("check").arg("-c").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!("{}:7:", path.display());
+    assert!(err.contains(&want), "{err}");
+    assert!(err.contains("proxy_read_timeout"), "{err}");
+}
+
+/// A blocking upstream on an ephemeral port: answers `ok`, or waits for a go signal
+/// when the path is /slow.
+fn upstream() -> (SocketAddr, mpsc::Sender<()>, mpsc::Receiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (started_tx, started_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            if head.starts_with(b"GET /slow") {
+                let _ = started_tx.send(());
+                let _ = go_rx.recv_timeout(DEADLINE);
+            }
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    (addr, go_tx, started_rx)
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(cmd: &mut Command, listen: SocketAddr) -> Running {
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let running = Running(child);
+    let start = Instant::now();
+    while TcpStream::connect(listen).is_err() {
+        assert!(start.elapsed() < DEADLINE, "proxy did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running
+}
+
+fn get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn run_with_a_config_file_forwards() {
+    let (up, _go, _started) = upstream();
+    let listen = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!("[upstream.app]\nservers = [{{ addr = \"{up}\" }}]\n\n[[server]]\nlisten = [\"{listen}\"]\n\n[[server.location]]\npath = \"/\"\nproxy_pass = \"app\"\n\n[[server.location]]\npath = \"~* \\\\.env$\"\nreturn = 403\n"),
+    )
+    .unwrap();
+    let _p = start(bin().arg("run").arg("-c").arg(&path), listen);
+    let resp = get(listen, "/hello");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("ok"), "{resp}");
+    assert!(get(listen, "/app/.env").starts_with("HTTP/1.1 403"));
+}
+
+#[test]
+fn sigterm_drains_an_in_flight_request_and_exits_zero() {
+    let (up, go, started) = upstream();
+    let listen = free_port();
+    let mut p = start(
+        bin().args(["run", "--listen", &listen.to_string(), "--upstream", &up.to_string()]),
+        listen,
+    );
+    let client = std::thread::spawn(move || get(listen, "/slow"));
+    started.recv_timeout(DEADLINE).unwrap();
+    let status = Command::new("kill").args(["-TERM", &p.0.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    // The listener closes; the in-flight request is still answered.
+    let start = Instant::now();
+    while TcpStream::connect(listen).is_ok() {
+        assert!(start.elapsed() < DEADLINE, "listener still open after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    go.send(()).unwrap();
+    let resp = client.join().unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let start = Instant::now();
+    let code = loop {
+        if let Some(code) = p.0.try_wait().unwrap() {
+            break code;
+        }
+        assert!(start.elapsed() < DEADLINE, "proxy did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(code.success(), "{code:?}");
+}
