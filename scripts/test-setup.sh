@@ -7,3 +7,9 @@ cd "$(dirname "$0")/.."
 if ! command -v cargo-nextest >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
+
+# Python environment for the FastAPI end-to-end test (examples/fastapi).
+if [ ! -x .venv/bin/uvicorn ]; then
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check -r examples/fastapi/requirements.txt
+fi
