@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Source};
+use crate::run::Origin;
 
 /// A reverse proxy for web applications (FastAPI/uvicorn first of all).
 #[derive(Debug, Parser)]
@@ -36,6 +37,17 @@ enum Command {
         /// Worker threads (default: one per core; overrides the config file).
         #[arg(long)]
         workers: Option<usize>,
+        /// Write the process id here (for `proxy reload` and init systems).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+    },
+    /// Ask a running proxy to reload its config file (sends SIGHUP to the pid in the
+    /// pid file). A config with errors is refused by the running proxy, which keeps
+    /// serving the old one and logs every error with file, line and key.
+    Reload {
+        /// The pid file the running proxy was started with.
+        #[arg(long)]
+        pid_file: PathBuf,
     },
     /// Check a config file and report every error with file, line and key (like `nginx -t`).
     Check {
@@ -50,19 +62,21 @@ pub fn main() -> ExitCode {
     init_logs(&cli.log_level);
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Reload { pid_file } => signal_reload(&pid_file),
         Command::Run {
             config,
             listen,
             upstream,
             workers,
+            pid_file,
         } => {
-            let source = match (config, upstream.is_empty()) {
+            let (source, origin) = match (config, upstream.is_empty()) {
                 (Some(path), _) => match Source::read(&path) {
-                    Ok(s) => s,
+                    Ok(s) => (s, Origin::File(path)),
                     Err(errs) => return report(&errs),
                 },
-                (None, true) => Source::default_config(),
-                (None, false) => one_line(listen, &upstream),
+                (None, true) => (Source::default_config(), Origin::Fixed),
+                (None, false) => (one_line(listen, &upstream), Origin::Fixed),
             };
             let mut plan = match config::load(&source) {
                 Ok(p) => p,
@@ -71,7 +85,7 @@ pub fn main() -> ExitCode {
             if workers.is_some() {
                 plan.workers = workers;
             }
-            match crate::run::run(plan) {
+            match crate::run::run(plan, origin, pid_file) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("proxy: {e}");
@@ -98,6 +112,36 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(errs) => report(&errs),
+    }
+}
+
+fn signal_reload(pid_file: &std::path::Path) -> ExitCode {
+    let pid = match std::fs::read_to_string(pid_file) {
+        Ok(text) => match text.trim().parse::<u32>() {
+            Ok(pid) => pid,
+            Err(_) => {
+                eprintln!("proxy: {}: not a process id", pid_file.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        Err(e) => {
+            eprintln!("proxy: cannot read {}: {e}", pid_file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    // The workspace forbids unsafe code, so the signal goes through kill(1).
+    match std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+    {
+        Ok(s) if s.success() => {
+            println!("reload signalled to process {pid}");
+            ExitCode::SUCCESS
+        }
+        Ok(_) | Err(_) => {
+            eprintln!("proxy: could not signal process {pid}");
+            ExitCode::FAILURE
+        }
     }
 }
 

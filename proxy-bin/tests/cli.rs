@@ -16,7 +16,10 @@ fn bin() -> Command {
 }
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 #[test]
@@ -79,14 +82,18 @@ fn upstream() -> (SocketAddr, mpsc::Sender<()>, mpsc::Receiver<()>) {
                 let _ = started_tx.send(());
                 let _ = go_rx.recv_timeout(DEADLINE);
             }
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
         }
     });
     (addr, go_tx, started_rx)
 }
 
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 struct Running(Child);
@@ -99,7 +106,11 @@ impl Drop for Running {
 }
 
 fn start(cmd: &mut Command, listen: SocketAddr) -> Running {
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let running = Running(child);
     let start = Instant::now();
     while TcpStream::connect(listen).is_err() {
@@ -112,7 +123,11 @@ fn start(cmd: &mut Command, listen: SocketAddr) -> Running {
 fn get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -141,17 +156,29 @@ fn sigterm_drains_an_in_flight_request_and_exits_zero() {
     let (up, go, started) = upstream();
     let listen = free_port();
     let mut p = start(
-        bin().args(["run", "--listen", &listen.to_string(), "--upstream", &up.to_string()]),
+        bin().args([
+            "run",
+            "--listen",
+            &listen.to_string(),
+            "--upstream",
+            &up.to_string(),
+        ]),
         listen,
     );
     let client = std::thread::spawn(move || get(listen, "/slow"));
     started.recv_timeout(DEADLINE).unwrap();
-    let status = Command::new("kill").args(["-TERM", &p.0.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &p.0.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     // The listener closes; the in-flight request is still answered.
     let start = Instant::now();
     while TcpStream::connect(listen).is_ok() {
-        assert!(start.elapsed() < DEADLINE, "listener still open after SIGTERM");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "listener still open after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     go.send(()).unwrap();
@@ -166,4 +193,110 @@ fn sigterm_drains_an_in_flight_request_and_exits_zero() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(code.success(), "{code:?}");
+}
+
+/// An upstream answering every request with `name`, keep-alive, until the test ends.
+fn named_upstream(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut pending = Vec::new();
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+                            name.len()
+                        );
+                        if s.write_all(resp.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn config_for(listen: SocketAddr, up: SocketAddr) -> String {
+    format!("[upstream.app]\nservers = [{{ addr = \"{up}\" }}]\n\n[[server]]\nlisten = [\"{listen}\"]\n\n[[server.location]]\npath = \"/\"\nproxy_pass = \"app\"\n")
+}
+
+#[test]
+fn reload_switches_upstreams_with_zero_failed_requests() {
+    let blue = named_upstream("blue");
+    let green = named_upstream("green");
+    let listen = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("proxy.toml");
+    let pid = dir.path().join("proxy.pid");
+    std::fs::write(&conf, config_for(listen, blue)).unwrap();
+    let _p = start(
+        bin()
+            .arg("run")
+            .arg("-c")
+            .arg(&conf)
+            .arg("--pid-file")
+            .arg(&pid),
+        listen,
+    );
+    assert!(get(listen, "/").ends_with("blue"));
+
+    // A steady, bounded stream of requests while the config changes under it.
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let load = std::thread::spawn(move || {
+        let mut answers = Vec::new();
+        for _ in 0..5000 {
+            let resp = get(listen, "/");
+            assert!(
+                resp.starts_with("HTTP/1.1 200"),
+                "failed request during reload: {resp}"
+            );
+            answers.push(resp.ends_with("green"));
+            if stop_rx.try_recv().is_ok() {
+                break;
+            }
+        }
+        answers
+    });
+
+    // A broken config is refused; the old one keeps serving.
+    std::fs::write(&conf, "[[server]]\nlisten = 5\n").unwrap();
+    let st = bin()
+        .arg("reload")
+        .arg("--pid-file")
+        .arg(&pid)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Blue-green: point the group at the new server and reload.
+    std::fs::write(&conf, config_for(listen, green)).unwrap();
+    let st = bin()
+        .arg("reload")
+        .arg("--pid-file")
+        .arg(&pid)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let start = Instant::now();
+    while !get(listen, "/").ends_with("green") {
+        assert!(start.elapsed() < DEADLINE, "reload never took effect");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop_tx.send(()).unwrap();
+    let answers = load.join().unwrap();
+    assert!(!answers.is_empty());
+    // Once green answered, blue never does again.
+    if let Some(first_green) = answers.iter().position(|g| *g) {
+        assert!(answers[first_green..].iter().all(|g| *g));
+    }
 }

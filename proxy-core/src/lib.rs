@@ -22,6 +22,7 @@ pub mod forwarded;
 pub mod headers;
 pub mod hop;
 pub mod limit;
+pub mod reload;
 pub mod response;
 pub mod router;
 pub mod server;

@@ -10,7 +10,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-pub use build::{build, Plan};
+pub use build::{build, ListenerPlan, Plan};
 pub use schema::Config;
 
 /// The configuration used when no file is given: listen on 127.0.0.1:8080 and forward
