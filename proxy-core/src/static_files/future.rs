@@ -71,7 +71,13 @@ impl Future for ResponseFuture {
             StateProj::Serving { fut, shared } => {
                 let resp = match ready!(fut.poll(cx)) {
                     Ok(resp) => decorate(finish(resp), shared),
-                    Err(e) => from_io_error(e),
+                    Err(e) => {
+                        let mut resp = from_io_error(e);
+                        if !shared.access_log {
+                            resp.extensions_mut().insert(SkipAccessLog);
+                        }
+                        resp
+                    }
                 };
                 Poll::Ready(Ok(resp))
             }
