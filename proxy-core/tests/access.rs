@@ -1,6 +1,8 @@
 //! AccessLayer over real sockets: the server puts the socket peer in ClientInfo, the
 //! layer decides on it, a raw TCP client reads the answer.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;

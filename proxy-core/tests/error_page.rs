@@ -1,6 +1,8 @@
 //! Error pages over real sockets: a client → a hyper server running
 //! `ErrorPageLayer(Forward)` → a real upstream (or none at all).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;

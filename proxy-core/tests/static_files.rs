@@ -1,6 +1,8 @@
 //! StaticFiles over real sockets: a hyper HTTP/1.1 server on 127.0.0.1 serving the
 //! service, real files in a temp dir, a hyper client and a raw TCP client.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -122,6 +122,7 @@ impl AccessRulesBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -179,7 +180,7 @@ mod tests {
             }
             let r = b.build();
             let p = IpAddr::from(probe.to_be_bytes());
-            let want = model.iter().find(|(n, _)| n.contains(&p)).map_or(true, |(_, a)| *a);
+            let want = model.iter().find(|(n, _)| n.contains(&p)).is_none_or(|(_, a)| *a);
             prop_assert_eq!(r.decide(Some(p)) == Action::Allow, want);
         }
     }

@@ -373,6 +373,7 @@ fn rewrite(rest: &str, rooted: bool, index: Option<&str>, uri: &Uri) -> Option<U
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {
     use super::*;
 
