@@ -9,11 +9,13 @@
 //!
 //! **Which answers are replaced.** Like nginx with `proxy_intercept_errors off` (its
 //! default), only answers the proxy itself made: those carrying an
-//! [`ErrorCause`](crate::response::ErrorCause) extension, as every
+//! [`ErrorCause`] extension, as every
 //! [`response::from_error`](crate::response::from_error) answer does (upstream down → 502,
 //! upstream timeout → 504). An upstream's own 503 passes through untouched, so a FastAPI
 //! error body reaches the client. [`ErrorPages::intercept_upstream`] (nginx
 //! `proxy_intercept_errors on`) replaces every listed status.
+//!
+//! [`ErrorCause`]: crate::response::ErrorCause
 //!
 //! The replaced answer keeps its extensions (the `ErrorCause` stays visible to logs) and
 //! its `Retry-After` header; its other headers and body are dropped.

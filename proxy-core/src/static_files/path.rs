@@ -46,7 +46,9 @@ impl fmt::Display for PathError {
 
 impl std::error::Error for PathError {}
 
-/// Checks a raw (still percent-encoded) request path. See the [module docs](self).
+/// Checks a raw (still percent-encoded) request path: it must start with `/`, have only
+/// well-formed `%XX` escapes, no NUL, no encoded `/` or `\`, no raw `\`, and no `.` or
+/// `..` segment (raw or encoded). One pass, no allocation, never panics.
 pub fn check_path(path: &str) -> Result<(), PathError> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
