@@ -231,7 +231,7 @@ mod tests {
         /// winner is always the longest matching prefix.
         #[test]
         fn precedence_holds(prefixes in proptest::collection::vec("/[ab]{0,3}", 1..6), path in "/[ab/]{0,6}") {
-            let specs: Vec<String> = prefixes.iter().map(|p| p.clone()).collect();
+            let specs: Vec<String> = prefixes.clone();
             let refs: Vec<&str> = specs.iter().map(String::as_str).collect();
             let l = locs(&refs);
             if let Some(i) = l.find(&path) {
