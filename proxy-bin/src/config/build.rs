@@ -4,10 +4,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::StatusCode;
-use proxy_core::router::{Location, Pattern, Redirect, Return, Router, ServerName, VirtualServer};
+use proxy_core::router::{Router, ServerName, VirtualServer};
 use proxy_core::server::{HttpConfig, ListenConfig};
-use proxy_core::upstream::{ClientConfig, Forward, UpstreamClient, UpstreamTimeouts};
+use proxy_core::upstream::{ClientConfig, UpstreamClient};
 
 use super::schema::{self, Config};
 use super::{Diagnostic, Source};
@@ -35,9 +34,9 @@ pub struct ListenerPlan {
 }
 
 /// An upstream group, ready to forward to.
-struct Group {
-    client: UpstreamClient,
-    addrs: Vec<SocketAddr>,
+pub(super) struct Group {
+    pub(super) client: UpstreamClient,
+    pub(super) addrs: Vec<SocketAddr>,
 }
 
 /// Check `config` and build the plan, reporting every problem found.
@@ -218,188 +217,15 @@ fn build_server(
     let read_timeout = server.proxy_read_timeout.map(|d| d.0);
     for (li, loc) in server.location.iter().enumerate() {
         let lkey = format!("{key}.location[{li}]");
-        if let Some(l) = build_location(src, &lkey, loc, read_timeout, groups, errs) {
+        let ctx = super::location::Ctx {
+            src,
+            server,
+            read_timeout,
+            groups,
+        };
+        if let Some(l) = super::location::build(&ctx, &lkey, loc, errs) {
             vs = vs.location(l);
         }
     }
     vs
-}
-
-fn build_location(
-    src: &Source,
-    key: &str,
-    loc: &schema::Location,
-    server_read_timeout: Option<Duration>,
-    groups: &HashMap<String, Group>,
-    errs: &mut Vec<Diagnostic>,
-) -> Option<Location> {
-    let path_key = format!("{key}.path");
-    let Some(pattern) = Pattern::parse(loc.path.get_ref()) else {
-        errs.push(src.diag(Some(loc.path.span()), path_key, format!("{:?} is not a location: use \"/prefix\", \"= /exact\", \"^~ /prefix\", \"~ regex\" or \"~* regex\"", loc.path.get_ref())));
-        return None;
-    };
-    if let Err(e) = pattern.compile() {
-        errs.push(src.diag(
-            Some(loc.path.span()),
-            path_key,
-            format!("invalid regex: {e}"),
-        ));
-        return None;
-    }
-    let location = match (&loc.proxy_pass, &loc.return_) {
-        (Some(_), Some(r)) => {
-            errs.push(src.diag(
-                Some(r.span()),
-                format!("{key}.return"),
-                "a location takes either proxy_pass or return, not both",
-            ));
-            return None;
-        }
-        (None, None) => {
-            errs.push(src.diag(
-                Some(loc.path.span()),
-                key.to_owned(),
-                "a location needs proxy_pass or return",
-            ));
-            return None;
-        }
-        (Some(pass), None) => {
-            let read = loc
-                .proxy_read_timeout
-                .map(|d| d.0)
-                .or(server_read_timeout)
-                .unwrap_or(Duration::from_secs(60));
-            let forward = proxy_pass(src, &format!("{key}.proxy_pass"), pass, groups, loc, errs)?;
-            let forward = forward.with_timeouts(UpstreamTimeouts {
-                read_timeout: read,
-                idle_timeout: read,
-            });
-            Location::new(pattern, forward)
-        }
-        (None, Some(r)) => Location::new(
-            pattern,
-            return_service(src, &format!("{key}.return"), r, errs)?,
-        ),
-    };
-    Some(
-        location
-            .internal(loc.internal)
-            .allow_connect(loc.allow_connect),
-    )
-}
-
-fn proxy_pass(
-    src: &Source,
-    key: &str,
-    pass: &toml::Spanned<String>,
-    groups: &HashMap<String, Group>,
-    loc: &schema::Location,
-    errs: &mut Vec<Diagnostic>,
-) -> Option<Forward> {
-    let target = pass.get_ref();
-    let mut cc = ClientConfig::default();
-    if let Some(up) = &loc.proxy_upgrade {
-        cc.upgrades = up.clone();
-    }
-    if let Some(rest) = target.strip_prefix("http://") {
-        let addr = rest.trim_end_matches('/');
-        return match addr.parse::<SocketAddr>() {
-            Ok(a) => Some(Forward::new(UpstreamClient::new(cc), a)),
-            Err(_) => {
-                errs.push(src.diag(
-                    Some(pass.span()),
-                    key.to_owned(),
-                    format!("{target:?}: expected http://IP:PORT or an upstream name"),
-                ));
-                None
-            }
-        };
-    }
-    match groups.get(target) {
-        Some(g) => {
-            let addr = *g.addrs.first()?;
-            let client = if loc.proxy_upgrade.is_some() {
-                UpstreamClient::new(cc)
-            } else {
-                g.client.clone()
-            };
-            Some(Forward::new(client, addr))
-        }
-        None => {
-            errs.push(src.diag(
-                Some(pass.span()),
-                key.to_owned(),
-                format!("unknown upstream {target:?} (define it as [upstream.{target}])"),
-            ));
-            None
-        }
-    }
-}
-
-fn return_service(
-    src: &Source,
-    key: &str,
-    r: &toml::Spanned<schema::Return>,
-    errs: &mut Vec<Diagnostic>,
-) -> Option<proxy_core::router::LocationService> {
-    let (status, url, body) = match r.get_ref() {
-        schema::Return::Status(s) => (*s, None, None),
-        schema::Return::Full { status, url, body } => (*status, url.as_deref(), body.as_deref()),
-    };
-    let Some(code) = StatusCode::from_u16(status)
-        .ok()
-        .filter(|_| (100..=999).contains(&status))
-    else {
-        errs.push(src.diag(
-            Some(r.span()),
-            key.to_owned(),
-            format!("{status} is not an HTTP status"),
-        ));
-        return None;
-    };
-    if status == 444 {
-        return Some(proxy_core::router::LocationService::new(Return::close()));
-    }
-    if let Some(url) = url {
-        if !code.is_redirection() {
-            errs.push(src.diag(Some(r.span()), key.to_owned(), "url needs a 3xx status"));
-            return None;
-        }
-        return match redirect(code, url) {
-            Some(r) => Some(proxy_core::router::LocationService::new(r)),
-            None => {
-                errs.push(src.diag(Some(r.span()), key.to_owned(), format!("unsupported redirect url {url:?}: use SCHEME://$host$request_uri or SCHEME://HOST$request_uri")));
-                None
-            }
-        };
-    }
-    let ret = match body {
-        Some(b) => Return::new(code).body(b.to_owned()),
-        None => Return::new(code),
-    };
-    Some(proxy_core::router::LocationService::new(ret))
-}
-
-/// `https://$host$request_uri`, `$scheme://NAME$request_uri`, `https://NAME:8443$request_uri`.
-fn redirect(code: StatusCode, url: &str) -> Option<Redirect> {
-    let (scheme, rest) = url.split_once("://")?;
-    let host = rest.strip_suffix("$request_uri")?;
-    let mut r = Redirect::new(code);
-    match scheme {
-        "$scheme" => {}
-        "http" | "https" => r = r.scheme(scheme),
-        _ => return None,
-    }
-    match host {
-        "$host" | "$http_host" => {}
-        h if h.contains('$') || h.contains('/') || h.is_empty() => return None,
-        h => match h.rsplit_once(':') {
-            Some((name, port)) if !name.ends_with(']') || h.starts_with('[') => {
-                let port: u16 = port.parse().ok()?;
-                r = r.host(name.to_owned()).port(port);
-            }
-            _ => r = r.host(h.to_owned()),
-        },
-    }
-    Some(r)
 }

@@ -3,6 +3,7 @@
 //! them at once, before anything listens.
 
 mod build;
+mod location;
 mod schema;
 pub mod values;
 
@@ -74,6 +75,15 @@ impl Source {
         Source {
             file: PathBuf::from("<default config>"),
             text: DEFAULT_CONFIG.to_owned(),
+        }
+    }
+
+    /// The directory relative paths in this file are resolved against (the file's own;
+    /// the working directory for the embedded and command-line configs).
+    pub fn base_dir(&self) -> PathBuf {
+        match self.file.parent() {
+            Some(p) if !p.as_os_str().is_empty() && self.file.is_file() => p.to_owned(),
+            _ => PathBuf::from("."),
         }
     }
 

@@ -84,6 +84,15 @@ pub struct Server {
     pub reuse_port: bool,
     /// Default `proxy_read_timeout` for this server's locations (default 60s).
     pub proxy_read_timeout: Option<Dur>,
+    /// nginx's `add_header`, for every location that sets none of its own.
+    #[serde(default)]
+    pub add_header: Vec<Spanned<AddHeader>>,
+    /// nginx's `error_page`, for every location that sets none of its own.
+    #[serde(default)]
+    pub error_page: Vec<Spanned<ErrorPageCfg>>,
+    /// nginx's `allow`/`deny`, in order, for every location that sets none of its own.
+    #[serde(default)]
+    pub access: Vec<Spanned<AccessRule>>,
     /// The locations, matched with nginx's precedence.
     #[serde(default)]
     pub location: Vec<Location>,
@@ -111,6 +120,83 @@ pub struct Location {
     /// Let CONNECT reach this location.
     #[serde(default)]
     pub allow_connect: bool,
+    /// nginx's `root`: serve files from this directory (the whole path appended).
+    pub root: Option<Spanned<String>>,
+    /// nginx's `alias`: serve files from this directory (the location prefix replaced).
+    pub alias: Option<Spanned<String>>,
+    /// nginx's `index` (default `"index.html"`; `false` disables).
+    pub index: Option<Spanned<IndexCfg>>,
+    /// nginx's `expires` (`Expires` and `Cache-Control: max-age`).
+    pub expires: Option<Dur>,
+    /// Extra `Cache-Control` directives for files, e.g. `"public, immutable"`.
+    pub cache_control: Option<Spanned<String>>,
+    /// Serve `.gz` / `.br` siblings to clients that accept them (`["gzip", "br"]`).
+    #[serde(default)]
+    pub precompressed: Vec<Spanned<String>>,
+    /// Follow symbolic links that leave the directory (refused with 403 by default).
+    #[serde(default)]
+    pub allow_symlinks_outside_root: bool,
+    /// nginx's `access_log off` when false.
+    pub access_log: Option<bool>,
+    /// nginx's `add_header`; replaces the server's list when set.
+    pub add_header: Option<Vec<Spanned<AddHeader>>>,
+    /// nginx's `error_page`; replaces the server's list when set.
+    pub error_page: Option<Vec<Spanned<ErrorPageCfg>>>,
+    /// nginx's `allow`/`deny`; replaces the server's list when set.
+    pub access: Option<Vec<Spanned<AccessRule>>>,
+}
+
+/// `index = "index.html"` or `index = false`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum IndexCfg {
+    /// A file name.
+    Name(String),
+    /// `false`: no index file.
+    Enabled(bool),
+}
+
+/// One `add_header NAME VALUE [always]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddHeader {
+    /// The header name.
+    pub name: String,
+    /// The value.
+    pub value: String,
+    /// Also on error responses (nginx's `always`).
+    #[serde(default)]
+    pub always: bool,
+    /// Replace a header of the same name from the upstream instead of adding another.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// One `error_page CODES [=STATUS] URI`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorPageCfg {
+    /// The statuses the page replaces.
+    pub codes: Vec<u16>,
+    /// A URI served by a `root`/`alias` location of the same server (usually `internal`).
+    pub uri: Option<String>,
+    /// Or a file path.
+    pub file: Option<String>,
+    /// nginx's `=STATUS`: answer with this status instead.
+    pub status: Option<u16>,
+    /// Also replace the upstream's own error responses (nginx's `proxy_intercept_errors on`).
+    #[serde(default)]
+    pub intercept_upstream: bool,
+}
+
+/// One `allow X;` or `deny X;` (`"all"` or a CIDR / address).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    /// Addresses to allow.
+    pub allow: Option<String>,
+    /// Addresses to deny (403).
+    pub deny: Option<String>,
 }
 
 /// The value of `return`.
