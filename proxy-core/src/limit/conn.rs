@@ -304,6 +304,7 @@ impl Body for GuardedBody {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::client_info::{ClientInfo, Scheme};

@@ -88,6 +88,7 @@ pub(crate) fn ip_key(ip: IpAddr, h: &Hashers) -> Prehashed {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::client_info::{ClientInfo, RealClient, Scheme};

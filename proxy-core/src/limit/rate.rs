@@ -159,6 +159,7 @@ pub(crate) fn retry_after_ms(excess: u64, burst: u64, rate: Rate) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
