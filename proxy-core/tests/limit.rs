@@ -162,7 +162,11 @@ async fn auth_token_limit_counts_each_client_address_on_its_own() {
         let resp = get(&mut b, "/auth/token", &[]).await;
         assert_eq!(resp.status(), 429, "12th from {from}");
         // 12 049 ms until one request has decayed, less the time the test took.
-        let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        let retry: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!((12..=13).contains(&retry), "{retry}");
     }
     assert_eq!(
