@@ -1,0 +1,451 @@
+//! [`ResponseBuffer`]: nginx's `proxy_buffering on`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, CONTENT_TYPE};
+use http::{HeaderMap, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
+use tokio::fs::File;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::{ProxyBody, Request, Response};
+use crate::buffer::spill;
+use crate::error::{Error, Kind};
+
+/// The upstream's per-response switch (`no` turns buffering off); never passed on.
+pub const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+
+#[derive(Debug, Clone)]
+struct Config {
+    memory: usize,
+    max_temp_file_size: u64,
+    temp_dir: Arc<Path>,
+}
+
+/// Reads upstream responses ahead of the client: see [`ResponseBuffer`].
+#[derive(Debug, Clone)]
+pub struct ResponseBufferLayer {
+    config: Arc<Config>,
+}
+
+impl Default for ResponseBufferLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ResponseBufferLayer {
+    /// 64 KiB of memory per response (nginx: `proxy_buffer_size` + `proxy_buffers 8 8k`,
+    /// 72 KiB), then up to 1 GiB in a temporary file (`proxy_max_temp_file_size 1024m`)
+    /// in the system's temporary directory.
+    pub fn new() -> Self {
+        ResponseBufferLayer {
+            config: Arc::new(Config {
+                memory: 64 * 1024,
+                max_temp_file_size: 1024 * 1024 * 1024,
+                temp_dir: Arc::from(std::env::temp_dir()),
+            }),
+        }
+    }
+
+    /// Bytes of a response held in memory ahead of the client.
+    pub fn memory_limit(mut self, bytes: usize) -> Self {
+        Arc::make_mut(&mut self.config).memory = bytes;
+        self
+    }
+
+    /// Bytes of a response written to its temporary file at most
+    /// (`proxy_max_temp_file_size`); past it, the rest streams with backpressure. 0 keeps
+    /// the read-ahead in memory only.
+    pub fn max_temp_file_size(mut self, bytes: u64) -> Self {
+        Arc::make_mut(&mut self.config).max_temp_file_size = bytes;
+        self
+    }
+
+    /// Where temporary files are created (`proxy_temp_path`).
+    pub fn temp_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        Arc::make_mut(&mut self.config).temp_dir = Arc::from(dir.into());
+        self
+    }
+}
+
+impl<S> Layer<S> for ResponseBufferLayer {
+    type Service = ResponseBuffer<S>;
+
+    fn layer(&self, inner: S) -> ResponseBuffer<S> {
+        ResponseBuffer {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// Reads each response body of the inner service ahead of the client, in a task of its
+/// own, into bounded memory and then a temporary file, so the upstream connection goes
+/// back to the pool as soon as the upstream has sent everything while a slow client
+/// drains at its own pace.
+///
+/// Past the temporary file's cap the read-ahead stops and the rest streams with
+/// backpressure, as in nginx. Not buffered: responses with `X-Accel-Buffering: no`
+/// (the header is removed, whatever its value), `text/event-stream`, upgrades, and empty
+/// bodies. An upstream error is delivered after the bytes that came before it, so the
+/// client gets everything that arrived before its connection is cut. When the client goes
+/// away the read-ahead stops and the upstream connection is closed. The temporary file is
+/// unlinked when created, so it never outlives the response.
+#[derive(Debug, Clone)]
+pub struct ResponseBuffer<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> Service<Request> for ResponseBuffer<S>
+where
+    S: Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        ResponseFuture {
+            inner: self.inner.call(req),
+            config: self.config.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`ResponseBuffer`].
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        config: Arc<Config>,
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        Poll::Ready(Ok(buffer(resp, this.config)))
+    }
+}
+
+fn buffer(mut resp: Response, config: &Arc<Config>) -> Response {
+    let off = resp
+        .headers_mut()
+        .remove(X_ACCEL_BUFFERING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
+    if off
+        || is_event_stream(resp.headers())
+        || resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        || resp.body().is_end_stream()
+    {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State::default()),
+        writer: Notify::new(),
+    });
+    let remaining = body.size_hint().exact();
+    tokio::spawn(fill(shared.clone(), body, config.clone()));
+    let body = BufferedBody {
+        shared,
+        file: None,
+        buf: BytesMut::new(),
+        remaining,
+        finished: false,
+    };
+    Response::from_parts(parts, ProxyBody::boxed(body))
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        let essence = v.split(|b| *b == b';').next().unwrap_or(v);
+        essence
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"text/event-stream")
+    })
+}
+
+/// What the filling task and the client's body share. One per buffered response; the
+/// lock is only ever contended by these two.
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the filling task: room was made, or the client went away.
+    writer: Notify,
+}
+
+// The stream's order: every byte in `mem` comes before every unread byte of the file.
+// The writer keeps it so by only appending to `mem` when the file has been read up to
+// what was written to it.
+#[derive(Default)]
+struct State {
+    mem: VecDeque<Bytes>,
+    mem_len: usize,
+    /// Bytes written (and flushed) to the file.
+    written: u64,
+    /// Bytes the client's body has read back from it.
+    read: u64,
+    /// The read side of the file, until the client's body takes it.
+    reader_file: Option<File>,
+    /// How the upstream body ended (trailers or error), once it has.
+    end: Option<Result<Option<HeaderMap>, Error>>,
+    reader: Option<Waker>,
+    gone: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Update the state and wake the client's body.
+    fn publish(&self, f: impl FnOnce(&mut State)) {
+        let waker = {
+            let mut st = self.lock();
+            f(&mut st);
+            st.reader.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    async fn gone(&self) {
+        loop {
+            if self.lock().gone {
+                return;
+            }
+            self.writer.notified().await;
+        }
+    }
+}
+
+/// The filling task: reads the upstream body to its end (or until the client goes away).
+async fn fill(shared: Arc<Shared>, mut body: ProxyBody, config: Arc<Config>) {
+    let end = read_ahead(&shared, &mut body, &config).await;
+    // Release the upstream side (back to the pool, or closed if unfinished) before
+    // telling the client the end.
+    drop(body);
+    if let Some(end) = end {
+        shared.publish(|st| st.end = Some(end));
+    }
+}
+
+/// `None` when the client went away.
+async fn read_ahead(
+    shared: &Shared,
+    body: &mut ProxyBody,
+    config: &Config,
+) -> Option<Result<Option<HeaderMap>, Error>> {
+    let mut writer: Option<File> = None;
+    let mut spilled: u64 = 0;
+    loop {
+        let frame = tokio::select! {
+            biased;
+            () = shared.gone() => return None,
+            frame = body.frame() => frame,
+        };
+        let mut data = match frame {
+            None => return Some(Ok(None)),
+            Some(Err(e)) => return Some(Err(e)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => return Some(Ok(Some(trailers))),
+                    Err(_) => continue,
+                },
+            },
+        };
+        while !data.is_empty() {
+            let to_file = {
+                let mut st = shared.lock();
+                if st.gone {
+                    return None;
+                }
+                let file_drained = st.read == st.written;
+                let room = config.memory.saturating_sub(st.mem_len);
+                if file_drained && (room > 0 || st.mem_len == 0) {
+                    // With nothing buffered the chunk goes through whatever its size:
+                    // the stream always moves.
+                    let n = if room > 0 {
+                        room.min(data.len())
+                    } else {
+                        data.len()
+                    };
+                    let chunk = data.split_to(n);
+                    st.mem_len += chunk.len();
+                    st.mem.push_back(chunk);
+                    let waker = st.reader.take();
+                    drop(st);
+                    if let Some(w) = waker {
+                        w.wake();
+                    }
+                    continue;
+                }
+                spilled < config.max_temp_file_size
+            };
+            if !to_file {
+                // Full: wait for the client to take something (or leave).
+                shared.writer.notified().await;
+                continue;
+            }
+            let file = match &mut writer {
+                Some(file) => file,
+                None => match spill::create(config.temp_dir.clone()).await {
+                    Ok((w, r)) => {
+                        shared.lock().reader_file = Some(r);
+                        writer.insert(w)
+                    }
+                    Err(e) => return Some(Err(Error::with_source(Kind::Internal, e))),
+                },
+            };
+            let room = config.max_temp_file_size - spilled;
+            let n = usize::try_from(room).unwrap_or(usize::MAX).min(data.len());
+            let chunk = data.split_to(n);
+            let written = async {
+                file.write_all(&chunk).await?;
+                // tokio's file writes complete in the background: flushed before the
+                // reader is told.
+                file.flush().await
+            };
+            if let Err(e) = written.await {
+                tracing::warn!(error = %e, "response buffering: temporary file failed");
+                return Some(Err(Error::with_source(Kind::Internal, e)));
+            }
+            spilled += n as u64;
+            shared.publish(|st| st.written += n as u64);
+        }
+    }
+}
+
+/// The client's side: the buffered response body.
+struct BufferedBody {
+    shared: Arc<Shared>,
+    file: Option<File>,
+    buf: BytesMut,
+    remaining: Option<u64>,
+    finished: bool,
+}
+
+impl BufferedBody {
+    fn data(&mut self, chunk: Bytes) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.shared.writer.notify_one();
+        if let Some(r) = &mut self.remaining {
+            *r = r.saturating_sub(chunk.len() as u64);
+        }
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn fail(&mut self, e: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.finished = true;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl Body for BufferedBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        let shared = this.shared.clone();
+        let mut st = shared.lock();
+        if let Some(chunk) = st.mem.pop_front() {
+            st.mem_len -= chunk.len();
+            drop(st);
+            return this.data(chunk);
+        }
+        let available = st.written - st.read;
+        if available > 0 {
+            if this.file.is_none() {
+                this.file = st.reader_file.take();
+            }
+            drop(st);
+            let Some(file) = &mut this.file else {
+                return this.fail(Error::new(Kind::Internal));
+            };
+            return match std::task::ready!(spill::poll_read_chunk(
+                file,
+                &mut this.buf,
+                available,
+                cx
+            )) {
+                Ok(chunk) => {
+                    shared.lock().read += chunk.len() as u64;
+                    this.data(chunk)
+                }
+                Err(e) => this.fail(Error::with_source(Kind::Internal, e)),
+            };
+        }
+        if let Some(end) = st.end.take() {
+            drop(st);
+            this.finished = true;
+            return Poll::Ready(match end {
+                Ok(None) => None,
+                Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
+                Err(e) => Some(Err(e)),
+            });
+        }
+        // Checked and registered under one lock: the writer cannot slip in between.
+        match &st.reader {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => st.reader = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for BufferedBody {
+    fn drop(&mut self) {
+        {
+            let mut st = self.shared.lock();
+            st.gone = true;
+            st.reader_file = None;
+            st.mem.clear();
+            st.mem_len = 0;
+        }
+        self.shared.writer.notify_one();
+    }
+}
