@@ -52,9 +52,7 @@ pin_project! {
 impl ProxyBody {
     /// An empty body.
     pub fn empty() -> Self {
-        ProxyBody {
-            inner: Inner::Empty,
-        }
+        ProxyBody { inner: Inner::Empty }
     }
 
     /// A body of one buffer.

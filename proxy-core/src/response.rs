@@ -34,8 +34,7 @@ pub fn status(status: StatusCode) -> Response {
 /// in the response's extensions so an access log or error page layer can see it.
 pub fn from_error(err: Error) -> Response {
     let mut resp = status(err.status());
-    resp.extensions_mut()
-        .insert(ErrorCause(std::sync::Arc::new(err)));
+    resp.extensions_mut().insert(ErrorCause(std::sync::Arc::new(err)));
     resp
 }
 

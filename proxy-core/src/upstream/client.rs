@@ -175,8 +175,7 @@ impl UpstreamClient {
         parts.scheme = Some(UriScheme::HTTP);
         parts.authority = Some(authority_of(addr)?);
         parts.path_and_query = Some(pq);
-        *req.uri_mut() =
-            Uri::from_parts(parts).map_err(|e| Error::with_source(Kind::BadRequest, e))?;
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| Error::with_source(Kind::BadRequest, e))?;
         *req.version_mut() = Version::HTTP_11;
         Ok(upgrade)
     }
