@@ -65,7 +65,7 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        match check(req, self.max) {
+        match check(req, self.max, true) {
             Ok(req) => ResponseFuture {
                 state: State::Called {
                     inner: self.inner.call(req),
@@ -78,9 +78,9 @@ where
     }
 }
 
-/// Reject a request whose declared length is over `max`, or wrap a body of unknown
-/// length in a [`LimitedBody`]. `max == 0`: no limit.
-pub(crate) fn check(req: Request, max: u64) -> Result<Request, Response> {
+/// Reject a request whose declared length is over `max`, or (if `wrap`) wrap a body of
+/// unknown length in a [`LimitedBody`]. `max == 0`: no limit.
+pub(crate) fn check(req: Request, max: u64, wrap: bool) -> Result<Request, Response> {
     if max == 0 {
         return Ok(req);
     }
@@ -92,7 +92,7 @@ pub(crate) fn check(req: Request, max: u64) -> Result<Request, Response> {
     // enforces the declared length itself. Only the unknown need counting.
     match hint.upper() {
         Some(upper) if upper <= max => Ok(req),
-        _ if req.body().is_end_stream() => Ok(req),
+        _ if !wrap || req.body().is_end_stream() => Ok(req),
         _ => Ok(req.map(|body| ProxyBody::boxed(LimitedBody::new(body, max)))),
     }
 }

@@ -126,15 +126,8 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        // Nothing to read: no detour.
-        if req.body().is_end_stream() || req.body().try_clone().is_some() {
-            return ResponseFuture {
-                state: State::Calling {
-                    fut: self.inner.call(req),
-                },
-            };
-        }
-        let req = match crate::buffer::limit::check(req, self.config.max_body_size) {
+        // Collect counts the bytes itself: only the declared length is checked here.
+        let req = match crate::buffer::limit::check(req, self.config.max_body_size, false) {
             Ok(req) => req,
             Err(resp) => {
                 return ResponseFuture {
@@ -142,6 +135,14 @@ where
                 }
             }
         };
+        // Nothing to read, or already in memory: no detour.
+        if req.body().is_end_stream() || req.body().try_clone().is_some() {
+            return ResponseFuture {
+                state: State::Calling {
+                    fut: self.inner.call(req),
+                },
+            };
+        }
         // The service that was made ready goes with the future; this one gets a clone.
         let clone = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, clone);
@@ -408,5 +409,151 @@ impl Body for WithTrailers {
 
     fn size_hint(&self) -> http_body::SizeHint {
         http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt as _;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::ServiceExt;
+
+    fn chunked(chunks: Vec<Vec<u8>>) -> ProxyBody {
+        let frames = chunks
+            .into_iter()
+            .map(|c| Ok::<_, Error>(http_body::Frame::data(Bytes::from(c))));
+        ProxyBody::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+    }
+
+    /// Answers with what it saw: replayable?, Content-Length, the body.
+    fn inspect(
+        calls: Arc<AtomicUsize>,
+    ) -> impl Service<
+        Request,
+        Response = Response,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Clone {
+        tower::service_fn(move |req: Request| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let replayable = req.body().try_clone().is_some();
+                let len = req.headers()[CONTENT_LENGTH].to_str().unwrap().to_owned();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let mut resp = Response::new(ProxyBody::from(body));
+                resp.headers_mut()
+                    .insert("x-replayable", HeaderValue::from(u16::from(replayable)));
+                resp.headers_mut().insert("x-len", len.parse().unwrap());
+                Ok(resp)
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_small_body_is_handed_on_in_memory_with_a_length() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = RequestBufferLayer::new().layer(inspect(calls.clone()));
+        let resp = svc
+            .oneshot(Request::new(chunked(vec![
+                b"abc".to_vec(),
+                b"def".to_vec(),
+            ])))
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["x-replayable"], "1");
+        assert_eq!(resp.headers()["x-len"], "6");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_large_body_spills_to_an_unlinked_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = RequestBufferLayer::new()
+            .memory_limit(1000)
+            .temp_dir(dir.path())
+            .layer(inspect(calls.clone()));
+        let chunks: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; 777]).collect();
+        let expected: Vec<u8> = chunks.concat();
+        let resp = svc.oneshot(Request::new(chunked(chunks))).await.unwrap();
+        assert_eq!(resp.headers()["x-replayable"], "0");
+        assert_eq!(resp.headers()["x-len"], expected.len().to_string().as_str());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], &expected[..]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn too_large_is_413_and_the_inner_service_is_not_called() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = RequestBufferLayer::new()
+            .max_body_size(100)
+            .memory_limit(10)
+            .layer(inspect(calls.clone()));
+        let resp = svc
+            .clone()
+            .oneshot(Request::new(chunked(vec![vec![0; 60], vec![0; 60]])))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 413);
+        let resp = svc
+            .oneshot(Request::new(ProxyBody::from(vec![0; 101])))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 413);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_body_timeout_is_408_and_closes() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = tower::ServiceBuilder::new()
+            .layer(crate::timeout::ClientBodyTimeoutLayer::new(
+                std::time::Duration::from_secs(5),
+            ))
+            .layer(RequestBufferLayer::new())
+            .service(inspect(calls.clone()));
+        let stalled = futures_util::stream::iter([Ok::<_, Error>(http_body::Frame::data(
+            Bytes::from_static(b"start"),
+        ))])
+        .chain(futures_util::stream::pending());
+        let req = Request::new(ProxyBody::boxed(http_body_util::StreamBody::new(stalled)));
+        let resp = svc.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 408);
+        assert_eq!(resp.headers()[CONNECTION], "close");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn trailers_survive_buffering() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let inner = tower::service_fn(move |req: Request| async move {
+            let collected = req.into_body().collect().await.unwrap();
+            let t = collected.trailers().cloned().unwrap();
+            assert_eq!(t["x-sum"], "1");
+            Ok::<_, std::convert::Infallible>(Response::new(ProxyBody::from(collected.to_bytes())))
+        });
+        let _ = calls;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("1"));
+        for memory in [1000, 2] {
+            let frames = [
+                Ok::<_, Error>(http_body::Frame::data(Bytes::from_static(b"abc"))),
+                Ok(http_body::Frame::trailers(trailers.clone())),
+            ];
+            let body = ProxyBody::boxed(http_body_util::StreamBody::new(
+                futures_util::stream::iter(frames),
+            ));
+            let svc = RequestBufferLayer::new()
+                .memory_limit(memory)
+                .layer(inner.clone());
+            let resp = svc.oneshot(Request::new(body)).await.unwrap();
+            assert_eq!(resp.status(), 200);
+        }
     }
 }

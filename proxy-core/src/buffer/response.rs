@@ -449,3 +449,179 @@ impl Drop for BufferedBody {
         self.shared.writer.notify_one();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+    use tokio::sync::mpsc;
+    use tower::ServiceExt;
+
+    /// A body fed by the test; the sender sees when it is dropped.
+    struct Fed(mpsc::Receiver<Result<Frame<Bytes>, Error>>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+
+    fn fed_response(
+        rx: mpsc::Receiver<Result<Frame<Bytes>, Error>>,
+        headers: &[(&'static str, &'static str)],
+    ) -> Response {
+        let mut resp = Response::new(ProxyBody::boxed(Fed(rx)));
+        for (k, v) in headers {
+            resp.headers_mut().insert(*k, HeaderValue::from_static(v));
+        }
+        resp
+    }
+
+    async fn serve(layer: ResponseBufferLayer, resp: Response) -> Response {
+        let resp = std::sync::Mutex::new(Some(resp));
+        let svc = layer.layer(tower::service_fn(move |_req: Request| {
+            let r = resp.lock().unwrap().take().unwrap();
+            async move { Ok::<_, std::convert::Infallible>(r) }
+        }));
+        svc.oneshot(Request::default()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_upstream_is_read_to_its_end_before_the_client_reads() {
+        let (tx, rx) = mpsc::channel(1);
+        let dir = tempfile::tempdir().unwrap();
+        let layer = ResponseBufferLayer::new()
+            .memory_limit(100)
+            .temp_dir(dir.path());
+        let resp = serve(layer, fed_response(rx, &[])).await;
+        // The channel holds one frame: every send past the first needs the read-ahead.
+        for i in 0..50u8 {
+            tx.send(Ok(Frame::data(Bytes::from(vec![i; 64]))))
+                .await
+                .unwrap();
+        }
+        drop(tx);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let expected: Vec<u8> = (0..50u8).flat_map(|i| vec![i; 64]).collect();
+        assert_eq!(&body[..], &expected[..]);
+    }
+
+    #[tokio::test]
+    async fn x_accel_buffering_no_and_event_streams_are_not_buffered() {
+        for headers in [
+            &[("x-accel-buffering", "no")][..],
+            &[("content-type", "text/event-stream; charset=utf-8")][..],
+        ] {
+            let (tx, rx) = mpsc::channel(1);
+            let resp = serve(ResponseBufferLayer::new(), fed_response(rx, headers)).await;
+            assert!(resp.headers().get(X_ACCEL_BUFFERING).is_none());
+            tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
+                .await
+                .unwrap();
+            // Nobody reads ahead: the one-slot channel stays full.
+            assert!(tx
+                .try_send(Ok(Frame::data(Bytes::from_static(b"b"))))
+                .is_err());
+            drop(resp);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_stops_the_read_ahead() {
+        let (tx, rx) = mpsc::channel(1);
+        let resp = serve(ResponseBufferLayer::new(), fed_response(rx, &[])).await;
+        tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
+            .await
+            .unwrap();
+        drop(resp);
+        // The filling task drops the upstream body: the sender sees it closed.
+        tokio::time::timeout(std::time::Duration::from_secs(5), tx.closed())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_upstream_error_comes_after_the_data() {
+        let (tx, rx) = mpsc::channel(4);
+        let resp = serve(ResponseBufferLayer::new(), fed_response(rx, &[])).await;
+        tx.send(Ok(Frame::data(Bytes::from_static(b"part"))))
+            .await
+            .unwrap();
+        tx.send(Err(Error::new(Kind::UpstreamTimeout)))
+            .await
+            .unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "part");
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), Kind::UpstreamTimeout);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Whatever the frame sizes, memory, file cap and client pace, the client gets the
+        /// upstream's bytes in order, then its trailers, and no file is left behind.
+        #[test]
+        fn every_byte_arrives_in_order(
+            sizes in proptest::collection::vec(1usize..300, 0..40),
+            memory in 0usize..500,
+            max_file in prop_oneof![Just(0u64), 1u64..2000, Just(u64::MAX)],
+            pauses in proptest::collection::vec(0usize..4, 40),
+            trailers in any::<bool>(),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let expected: Vec<u8> = sizes
+                .iter()
+                .enumerate()
+                .flat_map(|(i, n)| (0..*n).map(move |j| (i * 31 + j) as u8))
+                .collect();
+            let (got, got_trailers) = rt.block_on(async {
+                let (tx, rx) = mpsc::channel(2);
+                let layer = ResponseBufferLayer::new()
+                    .memory_limit(memory)
+                    .max_temp_file_size(max_file)
+                    .temp_dir(dir.path());
+                let resp = serve(layer, fed_response(rx, &[])).await;
+                let chunks: Vec<Bytes> = {
+                    let mut at = 0;
+                    sizes.iter().map(|n| { let c = Bytes::copy_from_slice(&expected[at..at + n]); at += n; c }).collect()
+                };
+                tokio::spawn(async move {
+                    for c in chunks {
+                        tx.send(Ok(Frame::data(c))).await.unwrap();
+                    }
+                    if trailers {
+                        let mut t = HeaderMap::new();
+                        t.insert("x-done", HeaderValue::from_static("1"));
+                        tx.send(Ok(Frame::trailers(t))).await.unwrap();
+                    }
+                });
+                let mut body = resp.into_body();
+                let mut got = Vec::new();
+                let mut got_trailers = false;
+                let mut i = 0;
+                while let Some(frame) = body.frame().await {
+                    for _ in 0..pauses[i % pauses.len()] {
+                        tokio::task::yield_now().await;
+                    }
+                    i += 1;
+                    match frame.unwrap().into_data() {
+                        Ok(d) => got.extend_from_slice(&d),
+                        Err(f) => got_trailers = f.into_trailers().is_ok(),
+                    }
+                }
+                (got, got_trailers)
+            });
+            prop_assert_eq!(got, expected);
+            prop_assert_eq!(got_trailers, trailers);
+            prop_assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+    }
+}
