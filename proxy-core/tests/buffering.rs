@@ -1,5 +1,6 @@
 //! Request and response buffering over real sockets: a hyper upstream on 127.0.0.1, the
 //! layers served by hyper in front of `Forward`, raw TCP clients.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
 use std::future::Future;

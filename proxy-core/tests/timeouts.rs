@@ -1,5 +1,6 @@
 //! Timeouts and limits over real sockets: slowloris, hung and stalling upstreams, slow
 //! uploads, clients that stop reading, the concurrency cap, 414 and 431.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
 use std::future::Future;

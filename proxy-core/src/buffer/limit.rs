@@ -71,8 +71,10 @@ where
                     inner: self.inner.call(req),
                 },
             },
-            Err(resp) => ResponseFuture {
-                state: State::Rejected { resp: Some(resp) },
+            Err(TooLarge) => ResponseFuture {
+                state: State::Rejected {
+                    resp: Some(too_large()),
+                },
             },
         }
     }
@@ -80,13 +82,13 @@ where
 
 /// Reject a request whose declared length is over `max`, or (if `wrap`) wrap a body of
 /// unknown length in a [`LimitedBody`]. `max == 0`: no limit.
-pub(crate) fn check(req: Request, max: u64, wrap: bool) -> Result<Request, Response> {
+pub(crate) fn check(req: Request, max: u64, wrap: bool) -> Result<Request, TooLarge> {
     if max == 0 {
         return Ok(req);
     }
     let hint = req.body().size_hint();
     if hint.lower() > max {
-        return Err(too_large());
+        return Err(TooLarge);
     }
     // A body whose length is known and within the limit cannot grow past it: hyper
     // enforces the declared length itself. Only the unknown need counting.
@@ -97,7 +99,12 @@ pub(crate) fn check(req: Request, max: u64, wrap: bool) -> Result<Request, Respo
     }
 }
 
-fn too_large() -> Response {
+/// A declared body length over the limit.
+#[derive(Debug)]
+pub(crate) struct TooLarge;
+
+/// The 413 answer.
+pub(crate) fn too_large() -> Response {
     let mut resp = response::from_error(Error::new(Kind::BodyTooLarge));
     // The unread body makes the connection unusable for another request anyway.
     resp.headers_mut()
@@ -252,6 +259,7 @@ fn client_kind(err: &Error) -> Option<Kind> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;

@@ -129,9 +129,11 @@ where
         // Collect counts the bytes itself: only the declared length is checked here.
         let req = match crate::buffer::limit::check(req, self.config.max_body_size, false) {
             Ok(req) => req,
-            Err(resp) => {
+            Err(crate::buffer::limit::TooLarge) => {
                 return ResponseFuture {
-                    state: State::Done { resp: Some(resp) },
+                    state: State::Done {
+                        resp: Some(crate::buffer::limit::too_large()),
+                    },
                 }
             }
         };
@@ -241,15 +243,18 @@ struct Collect {
     spill: Spill,
 }
 
+/// Creating a spill file (the writer and reader descriptors).
+type Opening = Pin<Box<dyn Future<Output = io::Result<(File, File)>> + Send>>;
+
+// The file variant is the large one and the one every spilled body ends in; boxing it
+// would only add an allocation next to the file's own.
+#[allow(clippy::large_enum_variant)]
 enum Spill {
     /// Everything so far is in `mem`.
     Memory,
     /// Creating the file; `next` is the chunk that did not fit in memory. (Boxed: it
     /// happens once per spilled body, next to the cost of a file.)
-    Opening {
-        open: Pin<Box<dyn Future<Output = io::Result<(File, File)>> + Send>>,
-        next: Bytes,
-    },
+    Opening { open: Opening, next: Bytes },
     /// Appending to the file: `pending`, then `queued`, are still to be written;
     /// `ended` once the body has.
     Writing {
@@ -413,6 +418,7 @@ impl Body for WithTrailers {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use futures_util::StreamExt as _;
@@ -549,9 +555,7 @@ mod tests {
             let body = ProxyBody::boxed(http_body_util::StreamBody::new(
                 futures_util::stream::iter(frames),
             ));
-            let svc = RequestBufferLayer::new()
-                .memory_limit(memory)
-                .layer(inner.clone());
+            let svc = RequestBufferLayer::new().memory_limit(memory).layer(inner);
             let resp = svc.oneshot(Request::new(body)).await.unwrap();
             assert_eq!(resp.status(), 200);
         }

@@ -451,6 +451,7 @@ impl Drop for BufferedBody {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use http::HeaderValue;

@@ -122,6 +122,7 @@ impl Body for FileBody {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;

@@ -115,6 +115,7 @@ impl<B> std::fmt::Debug for IdleTimeoutBody<B> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;

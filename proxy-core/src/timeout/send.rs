@@ -185,6 +185,7 @@ impl<A: Accept> Accept for SendTimeoutAccept<A> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
