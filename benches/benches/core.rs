@@ -1,6 +1,7 @@
 //! Hot pieces of the request path: hop-by-hop stripping, path normalisation, route
 //! matching with 10 and 1,000 locations, and a whole request through the router to a
 //! terminal service in process (no sockets).
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::hint::black_box;
 
