@@ -20,7 +20,6 @@
 //! assert_eq!(acceptor.stats().failures(), 0);
 //! ```
 
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,23 +140,17 @@ impl TlsAcceptor {
 impl Accept for TlsAcceptor {
     type Io = TlsStream<TcpStream>;
 
-    fn accept(
-        &self,
-        stream: TcpStream,
-        info: &mut ClientInfo,
-    ) -> impl Future<Output = std::io::Result<Self::Io>> + Send {
-        async move {
-            match self.handshake(stream).await {
-                Ok(tls) => {
-                    info.scheme = Scheme::Https;
-                    info.sni = tls.get_ref().1.server_name().map(Arc::from);
-                    Ok(tls)
-                }
-                Err(e) => {
-                    // Routine on the internet (scanners, plain HTTP to 443, old clients).
-                    tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
-                    Err(e)
-                }
+    async fn accept(&self, stream: TcpStream, info: &mut ClientInfo) -> std::io::Result<Self::Io> {
+        match self.handshake(stream).await {
+            Ok(tls) => {
+                info.scheme = Scheme::Https;
+                info.sni = tls.get_ref().1.server_name().map(Arc::from);
+                Ok(tls)
+            }
+            Err(e) => {
+                // Routine on the internet (scanners, plain HTTP to 443, old clients).
+                tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
+                Err(e)
             }
         }
     }
@@ -233,6 +226,7 @@ impl TlsAcceptorBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -222,6 +222,7 @@ fn to_system_time(secs: i64) -> SystemTime {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -242,6 +242,7 @@ pub(crate) fn warn_if_expiring(id: &str, cert: &crate::certs::LoadedCert, now: S
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::selfsigned;
