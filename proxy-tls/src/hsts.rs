@@ -1,7 +1,7 @@
 //! [`HstsLayer`]: adds `Strict-Transport-Security` to responses of requests that came
 //! over TLS (nginx's `add_header Strict-Transport-Security "max-age=31536000;
 //! includeSubDomains" always;`). Browsers ignore the header over plain HTTP (RFC 6797
-//! §8.1), so requests whose [`ClientInfo`](proxy_core::ClientInfo) says `http` are left
+//! §8.1), so requests whose [`ClientInfo`] says `http` are left
 //! alone; a request without `ClientInfo` (an embedding without our server) gets it. A
 //! header the upstream set itself is kept.
 //!

@@ -5,7 +5,7 @@
 //! of it so `/.well-known/acme-challenge/` stays reachable over plain HTTP.
 //!
 //! Which listener a request came from is read from its
-//! [`ClientInfo`](proxy_core::ClientInfo); a request without one is treated as plain.
+//! [`ClientInfo`]; a request without one is treated as plain.
 //!
 //! ```
 //! use proxy_tls::redirect::HttpsRedirectLayer;
