@@ -19,17 +19,24 @@ async fn main() {
     let addr: SocketAddr = args.next().expect(usage).parse().expect("ADDR");
     let (cert, key) = (args.next().expect(usage), args.next().expect(usage));
     let store = CertStore::new();
-    Reloader::new(store.clone()).with_files("main", cert, key).load().expect("certificate");
+    Reloader::new(store.clone())
+        .with_files("main", cert, key)
+        .load()
+        .expect("certificate");
     let acceptor = TlsAcceptor::builder(store).build().expect("acceptor");
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     println!("listening on {addr}");
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let mut info = ClientInfo::new(peer, addr, Scheme::Http);
-            let Ok(io) = acceptor.accept(stream, &mut info).await else { return };
+            let Ok(io) = acceptor.accept(stream, &mut info).await else {
+                return;
+            };
             let svc = hyper::service::service_fn(|_req| async {
                 Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
                     bytes::Bytes::from_static(b"hello\n"),

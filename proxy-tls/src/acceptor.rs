@@ -7,6 +7,10 @@
 //! handshake timeout. A failed handshake closes that connection only; it is counted in
 //! [`TlsStats`] and logged at debug level.
 //!
+//! The handshake runs inside [`Accept::accept`]: a server must call it in the
+//! connection's own task, not in the accept loop, or one slow client would stall every
+//! other accept for up to the handshake timeout.
+//!
 //! ```
 //! use std::time::Duration;
 //! use proxy_tls::{acceptor::TlsAcceptor, selfsigned, sni::CertStore};
