@@ -1,0 +1,272 @@
+//! [`TlsAcceptor`]: the TLS handshake of a listener, as a [`proxy_core::server::Accept`].
+//!
+//! rustls with the ring provider, TLS 1.2 and 1.3 only and rustls' safe default cipher
+//! suites; certificates chosen by SNI from a [`CertStore`]; ALPN `h2` and `http/1.1` (the
+//! connection driver then serves HTTP/2 or HTTP/1.1 on the stream); session resumption
+//! by TLS 1.3 tickets (rotating ring ticketer) and a server-side session cache; a
+//! handshake timeout. A failed handshake closes that connection only; it is counted in
+//! [`TlsStats`] and logged at debug level.
+//!
+//! The handshake runs inside [`Accept::accept`]: a server must call it in the
+//! connection's own task, not in the accept loop, or one slow client would stall every
+//! other accept for up to the handshake timeout.
+//!
+//! ```
+//! use std::time::Duration;
+//! use proxy_tls::{acceptor::TlsAcceptor, selfsigned, sni::CertStore};
+//! let store = CertStore::new();
+//! store.insert("localhost", selfsigned::localhost().unwrap().loaded);
+//! let acceptor = TlsAcceptor::builder(store)
+//!     .handshake_timeout(Duration::from_secs(5))
+//!     .build()
+//!     .unwrap();
+//! assert_eq!(acceptor.server_config().alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+//! assert_eq!(acceptor.stats().failures(), 0);
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proxy_core::client_info::{ClientInfo, Scheme};
+use proxy_core::server::Accept;
+use rustls::server::ServerSessionMemoryCache;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use crate::error::{Error, Kind};
+use crate::sni::CertStore;
+
+/// Default handshake timeout (nginx's `ssl_handshake_timeout` is 60 s; a handshake
+/// takes one or two round trips, so 10 s is generous and frees slowloris sockets sooner).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default size of the server-side session cache, in sessions (a TLS 1.2 session is a
+/// few hundred bytes; nginx's `shared:SSL:10m` holds about 40 000).
+pub const DEFAULT_SESSION_CACHE: usize = 20_000;
+
+/// Terminates TLS on accepted connections. Cheap to clone: clones share the rustls
+/// configuration, the certificates and the counters. See the [module docs](self).
+#[derive(Clone)]
+pub struct TlsAcceptor {
+    inner: tokio_rustls::TlsAcceptor,
+    config: Arc<ServerConfig>,
+    handshake_timeout: Duration,
+    stats: Arc<TlsStats>,
+}
+
+/// Handshake counters, shared by every clone of a [`TlsAcceptor`] (for metrics).
+#[derive(Debug, Default)]
+pub struct TlsStats {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    timed_out: AtomicU64,
+}
+
+impl TlsStats {
+    /// Completed handshakes.
+    pub fn handshakes(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Failed handshakes of any cause, timeouts included.
+    pub fn failures(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Handshakes that did not complete within the handshake timeout.
+    pub fn timeouts(&self) -> u64 {
+        self.timed_out.load(Ordering::Relaxed)
+    }
+}
+
+/// Builds a [`TlsAcceptor`]; from [`TlsAcceptor::builder`].
+#[derive(Debug)]
+pub struct TlsAcceptorBuilder {
+    store: CertStore,
+    http2: bool,
+    handshake_timeout: Duration,
+    session_cache: usize,
+    session_tickets: bool,
+}
+
+impl TlsAcceptor {
+    /// A builder serving the certificates of `store`.
+    pub fn builder(store: CertStore) -> TlsAcceptorBuilder {
+        TlsAcceptorBuilder {
+            store,
+            http2: true,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            session_cache: DEFAULT_SESSION_CACHE,
+            session_tickets: true,
+        }
+    }
+
+    /// The rustls configuration in use.
+    pub fn server_config(&self) -> &Arc<ServerConfig> {
+        &self.config
+    }
+
+    /// The handshake counters.
+    pub fn stats(&self) -> &Arc<TlsStats> {
+        &self.stats
+    }
+
+    /// Run the handshake on any stream, within the handshake timeout. Counts and logs a
+    /// failure; the caller only has to drop the connection.
+    pub async fn handshake<IO>(&self, io: IO) -> std::io::Result<TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        match tokio::time::timeout(self.handshake_timeout, self.inner.accept(io)).await {
+            Ok(Ok(tls)) => {
+                self.stats.ok.fetch_add(1, Ordering::Relaxed);
+                Ok(tls)
+            }
+            Ok(Err(e)) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+            Err(_) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                ))
+            }
+        }
+    }
+}
+
+impl Accept for TlsAcceptor {
+    type Io = TlsStream<TcpStream>;
+
+    async fn accept(&self, stream: TcpStream, info: &mut ClientInfo) -> std::io::Result<Self::Io> {
+        match self.handshake(stream).await {
+            Ok(tls) => {
+                info.scheme = Scheme::Https;
+                info.sni = tls.get_ref().1.server_name().map(Arc::from);
+                Ok(tls)
+            }
+            Err(e) => {
+                // Routine on the internet (scanners, plain HTTP to 443, old clients).
+                tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
+                Err(e)
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for TlsAcceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsAcceptor")
+            .field("alpn", &self.config.alpn_protocols)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl TlsAcceptorBuilder {
+    /// Offer HTTP/2 by ALPN (default on). Off: ALPN offers `http/1.1` only.
+    pub fn http2(mut self, on: bool) -> Self {
+        self.http2 = on;
+        self
+    }
+
+    /// Time allowed for the whole handshake (default [`DEFAULT_HANDSHAKE_TIMEOUT`]).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Sessions kept for resumption by session id (default [`DEFAULT_SESSION_CACHE`];
+    /// 0 disables the cache, nginx's `ssl_session_cache off`).
+    pub fn session_cache(mut self, sessions: usize) -> Self {
+        self.session_cache = sessions;
+        self
+    }
+
+    /// Issue session tickets (default on; nginx's `ssl_session_tickets`). Ticket keys
+    /// live in memory only and rotate every 6 hours.
+    pub fn session_tickets(mut self, on: bool) -> Self {
+        self.session_tickets = on;
+        self
+    }
+
+    /// Build the acceptor.
+    pub fn build(self) -> Result<TlsAcceptor, Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| Error::with_source(Kind::Config, e))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(self.store));
+        config.alpn_protocols = if self.http2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
+        config.session_storage = if self.session_cache == 0 {
+            Arc::new(rustls::server::NoServerSessionStorage {})
+        } else {
+            ServerSessionMemoryCache::new(self.session_cache)
+        };
+        if self.session_tickets {
+            config.ticketer = rustls::crypto::ring::Ticketer::new()
+                .map_err(|e| Error::with_source(Kind::Config, e))?;
+        }
+        let config = Arc::new(config);
+        Ok(TlsAcceptor {
+            inner: tokio_rustls::TlsAcceptor::from(config.clone()),
+            config,
+            handshake_timeout: self.handshake_timeout,
+            stats: Arc::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_knobs() {
+        let store = CertStore::new();
+        let a = TlsAcceptor::builder(store)
+            .http2(false)
+            .session_cache(0)
+            .session_tickets(false)
+            .build()
+            .unwrap();
+        assert_eq!(a.server_config().alpn_protocols, [b"http/1.1".to_vec()]);
+        assert!(!a.server_config().ticketer.enabled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_client_times_out_and_is_counted() {
+        let a = TlsAcceptor::builder(CertStore::new())
+            .handshake_timeout(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        // The client end stays open and silent.
+        let (_client, server) = tokio::io::duplex(1024);
+        let e = a.handshake(server).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!((a.stats().failures(), a.stats().timeouts()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn garbage_is_a_counted_failure() {
+        use tokio::io::AsyncWriteExt;
+        let a = TlsAcceptor::builder(CertStore::new()).build().unwrap();
+        let (mut client, server) = tokio::io::duplex(1024);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(a.handshake(server).await.is_err());
+        assert_eq!((a.stats().failures(), a.stats().timeouts()), (1, 0));
+    }
+}
