@@ -13,3 +13,9 @@ if [ ! -x .venv/bin/uvicorn ]; then
     python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check -r examples/fastapi/requirements.txt
 fi
+
+# Pebble, the ACME test server, for proxy-tls's end-to-end certificate test.
+if ! command -v pebble >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble >/dev/null
+fi
