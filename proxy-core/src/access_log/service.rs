@@ -273,3 +273,236 @@ where
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::convert::Infallible;
+    use std::num::NonZeroUsize;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt, StreamBody};
+    use tokio::io::AsyncWrite;
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::access_log::{AccessLogLayer, Format, Target};
+
+    /// An in-memory target.
+    #[derive(Clone, Default)]
+    struct Mem(Arc<Mutex<Vec<u8>>>);
+
+    impl Mem {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    impl AsyncWrite for Mem {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn writer(format: Format) -> (AccessLogWriter, Mem) {
+        let mem = Mem::default();
+        let w = AccessLogWriter::builder(Target::Writer(Box::new(mem.clone())))
+            .format(format)
+            .spawn()
+            .unwrap();
+        (w, mem)
+    }
+
+    fn req(method: http::Method, path: &str) -> Request {
+        http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(ProxyBody::empty())
+            .unwrap()
+    }
+
+    fn ok(body: &'static str) -> Response {
+        Response::new(ProxyBody::from(body))
+    }
+
+    #[tokio::test]
+    async fn logs_status_bytes_upstream_and_route() {
+        let (w, mem) = writer(Format::Json);
+        let svc = AccessLogLayer::new(w.clone()).layer(tower::service_fn(|_req: Request| async {
+            let mut resp = ok("hello");
+            *resp.status_mut() = StatusCode::CREATED;
+            resp.extensions_mut().insert(UpstreamInfo::new(
+                "127.0.0.1:9".parse().unwrap(),
+                Duration::from_millis(3),
+            ));
+            Ok::<_, Infallible>(resp)
+        }));
+        let mut r = req(http::Method::POST, "/x?y");
+        r.extensions_mut().insert(Arc::new(Route {
+            server: "s".into(),
+            location: "/x".into(),
+        }));
+        let resp = svc.oneshot(r).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        w.flush().await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(mem.text().trim_end()).unwrap();
+        assert_eq!(v["status"], 201);
+        assert_eq!(v["method"], "POST");
+        assert_eq!(v["uri"], "/x?y");
+        assert_eq!(v["body_bytes_sent"], 5);
+        assert_eq!(v["upstream_addr"], "127.0.0.1:9");
+        assert_eq!(v["upstream_response_time"], 0.003);
+        assert_eq!(v["location"], "/x");
+        assert_eq!(v["remote_addr"], serde_json::Value::Null);
+    }
+
+    #[tokio::test]
+    async fn client_gone_before_response_is_499() {
+        let (w, mem) = writer(Format::Combined);
+        let svc = AccessLogLayer::new(w.clone()).layer(tower::service_fn(|_req: Request| {
+            std::future::pending::<Result<Response, Infallible>>()
+        }));
+        let fut = svc.oneshot(req(http::Method::GET, "/slow"));
+        let _ = tokio::time::timeout(Duration::from_millis(1), fut).await;
+        w.flush().await.unwrap();
+        assert!(mem.text().contains("\"GET /slow HTTP/1.1\" 499 0 "), "{}", mem.text());
+    }
+
+    #[tokio::test]
+    async fn client_gone_mid_body_is_499_with_bytes_sent() {
+        let (w, mem) = writer(Format::Combined);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Error>>(4);
+        let body = Mutex::new(Some(rx));
+        let svc = AccessLogLayer::new(w.clone()).layer(tower::service_fn(move |_req: Request| {
+            let rx = body.lock().unwrap().take().unwrap();
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|f| (f, rx))
+            });
+            async move { Ok::<_, Infallible>(Response::new(ProxyBody::boxed(StreamBody::new(stream)))) }
+        }));
+        let resp = svc.oneshot(req(http::Method::GET, "/stream")).await.unwrap();
+        let mut body = resp.into_body();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"abc")))).await.unwrap();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "abc");
+        drop(body);
+        w.flush().await.unwrap();
+        assert!(mem.text().contains("\"GET /stream HTTP/1.1\" 499 3 "), "{}", mem.text());
+    }
+
+    #[tokio::test]
+    async fn unread_body_of_head_and_204_is_not_499() {
+        let (w, mem) = writer(Format::Combined);
+        let svc = AccessLogLayer::new(w.clone()).layer(tower::service_fn(|req: Request| async move {
+            let mut resp = Response::new(ProxyBody::boxed(StreamBody::new(
+                futures_util::stream::pending::<Result<Frame<Bytes>, Error>>(),
+            )));
+            if req.uri().path() == "/nc" {
+                *resp.status_mut() = StatusCode::NO_CONTENT;
+            }
+            Ok::<_, Infallible>(resp)
+        }));
+        drop(svc.clone().oneshot(req(http::Method::HEAD, "/h")).await.unwrap());
+        drop(svc.oneshot(req(http::Method::GET, "/nc")).await.unwrap());
+        w.flush().await.unwrap();
+        let text = mem.text();
+        assert!(text.contains("\"HEAD /h HTTP/1.1\" 200 0 "), "{text}");
+        assert!(text.contains("\"GET /nc HTTP/1.1\" 204 0 "), "{text}");
+    }
+
+    #[tokio::test]
+    async fn off_logs_nothing() {
+        let (w, mem) = writer(Format::Combined);
+        let svc = AccessLogLayer::off()
+            .layer(tower::service_fn(|_req: Request| async { Ok::<_, Infallible>(ok("x")) }));
+        let resp = svc.oneshot(req(http::Method::GET, "/")).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        w.flush().await.unwrap();
+        assert_eq!(mem.text(), "");
+    }
+
+    #[tokio::test]
+    async fn full_queue_drops_and_counts_without_waiting() {
+        let mem = Mem::default();
+        // The task is never run: the queue fills up.
+        let (w, _task) = AccessLogWriter::builder(Target::Writer(Box::new(mem.clone())))
+            .queue(NonZeroUsize::new(2).unwrap())
+            .build()
+            .unwrap();
+        let svc = AccessLogLayer::new(w.clone())
+            .layer(tower::service_fn(|_req: Request| async { Ok::<_, Infallible>(ok("x")) }));
+        for _ in 0..5 {
+            let resp = svc.clone().oneshot(req(http::Method::GET, "/")).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+        }
+        assert_eq!(w.stats().dropped(), 3);
+        assert_eq!(w.stats().written(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn buffered_lines_are_written_on_the_flush_interval() {
+        let mem = Mem::default();
+        let w = AccessLogWriter::builder(Target::Writer(Box::new(mem.clone())))
+            .flush(Duration::from_secs(5))
+            .spawn()
+            .unwrap();
+        let svc = AccessLogLayer::new(w.clone())
+            .layer(tower::service_fn(|_req: Request| async { Ok::<_, Infallible>(ok("x")) }));
+        let resp = svc.oneshot(req(http::Method::GET, "/")).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(4900)).await;
+        assert_eq!(mem.text(), "", "written before the flush interval");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(mem.text().lines().count(), 1);
+        assert_eq!(w.stats().written(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_buffer_is_written_at_once() {
+        let mem = Mem::default();
+        let w = AccessLogWriter::builder(Target::Writer(Box::new(mem.clone())))
+            .buffer(0)
+            .flush(Duration::from_secs(3600))
+            .spawn()
+            .unwrap();
+        let svc = AccessLogLayer::new(w.clone())
+            .layer(tower::service_fn(|_req: Request| async { Ok::<_, Infallible>(ok("x")) }));
+        let resp = svc.oneshot(req(http::Method::GET, "/")).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        // No flush call and no time passing: only the task's own turns.
+        for _ in 0..100 {
+            if !mem.text().is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(mem.text().lines().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_task_ends_with_a_last_flush_when_handles_are_gone() {
+        let mem = Mem::default();
+        let (w, task) = AccessLogWriter::builder(Target::Writer(Box::new(mem.clone())))
+            .build()
+            .unwrap();
+        let task = tokio::spawn(task);
+        let svc = AccessLogLayer::new(w)
+            .layer(tower::service_fn(|_req: Request| async { Ok::<_, Infallible>(ok("x")) }));
+        let resp = svc.oneshot(req(http::Method::GET, "/")).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+        assert_eq!(mem.text().lines().count(), 1);
+    }
+}
