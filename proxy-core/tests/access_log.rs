@@ -73,7 +73,10 @@ async fn read_lines(writer: &AccessLogWriter, path: &Path, n: usize) -> Vec<Stri
         if lines.len() >= n {
             return lines;
         }
-        assert!(start.elapsed() < DEADLINE, "log has {lines:?}, want {n} lines");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "log has {lines:?}, want {n} lines"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -96,7 +99,9 @@ async fn combined_lines_parse() {
     let re = regex::Regex::new(&format!("{COMBINED}{TIMINGS}")).unwrap();
     let lines = read_lines(&log, &path, 2).await;
     assert_eq!(lines.len(), 2, "{lines:?}");
-    let c = re.captures(&lines[0]).unwrap_or_else(|| panic!("not combined: {}", lines[0]));
+    let c = re
+        .captures(&lines[0])
+        .unwrap_or_else(|| panic!("not combined: {}", lines[0]));
     assert_eq!(&c[1], "127.0.0.1");
     assert_eq!(&c[2], "-");
     assert_eq!(&c[4], "GET");

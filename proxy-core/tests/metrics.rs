@@ -61,12 +61,17 @@ fn parse_exposition(text: &str) -> HashMap<String, f64> {
                     ["counter", "gauge", "histogram", "info", "unknown"].contains(&kind.as_str()),
                     "{line}"
                 );
-                assert!(seen_families.insert(c[2].to_owned()), "family declared twice: {line}");
+                assert!(
+                    seen_families.insert(c[2].to_owned()),
+                    "family declared twice: {line}"
+                );
                 families.insert(c[2].to_owned(), kind);
             }
             continue;
         }
-        let c = sample.captures(line).unwrap_or_else(|| panic!("bad line: {line:?}"));
+        let c = sample
+            .captures(line)
+            .unwrap_or_else(|| panic!("bad line: {line:?}"));
         let name = &c[1];
         let family_ok = families.iter().any(|(f, kind)| match kind.as_str() {
             "counter" => name == format!("{f}_total") || name == format!("{f}_created"),
@@ -78,7 +83,10 @@ fn parse_exposition(text: &str) -> HashMap<String, f64> {
         assert!(family_ok, "sample of an undeclared family: {line}");
         let value: f64 = c[3].parse().unwrap_or_else(|_| panic!("bad value: {line}"));
         let key = format!("{}{}", name, c.get(2).map_or("", |m| m.as_str()));
-        assert!(samples.insert(key, value).is_none(), "duplicate sample: {line}");
+        assert!(
+            samples.insert(key, value).is_none(),
+            "duplicate sample: {line}"
+        );
     }
     assert_eq!(text.lines().filter(|l| *l == "# EOF").count(), 1);
     samples
@@ -115,7 +123,10 @@ async fn scrape_is_valid_and_counters_move_with_requests() {
     let router = Router::builder()
         .server(
             VirtualServer::new([ServerName::parse("example.test").unwrap()])
-                .location(Location::new(Pattern::parse("/").unwrap(), layer.layer(forward)))
+                .location(Location::new(
+                    Pattern::parse("/").unwrap(),
+                    layer.layer(forward),
+                ))
                 .location(Location::new(
                     Pattern::parse("= /gone").unwrap(),
                     layer.layer(Return::new(StatusCode::GONE)),

@@ -122,7 +122,11 @@ fn json(rec: &Record, out: &mut Vec<u8>) {
     seconds(rec.request_time, out);
     match &rec.upstream {
         Some(up) => {
-            let _ = write!(out, ",\"upstream_addr\":\"{}\",\"upstream_response_time\":", up.addr);
+            let _ = write!(
+                out,
+                ",\"upstream_addr\":\"{}\",\"upstream_response_time\":",
+                up.addr
+            );
             seconds(up.duration, out);
         }
         None => out.extend_from_slice(b",\"upstream_addr\":null,\"upstream_response_time\":null"),
@@ -182,8 +186,13 @@ const HEX: &[u8; 16] = b"0123456789ABCDEF";
 /// `\xHH`, so a line can neither be split nor have its quoting broken by a header.
 pub(crate) fn escape_nginx(bytes: &[u8], out: &mut Vec<u8>) {
     for &b in bytes {
-        if b == b'"' || b == b'\\' || b < 0x20 || b >= 0x7f {
-            out.extend_from_slice(&[b'\\', b'x', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            out.extend_from_slice(&[
+                b'\\',
+                b'x',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]);
         } else {
             out.push(b);
         }
@@ -277,7 +286,9 @@ fn time_local(t: SystemTime, out: &mut Vec<u8>) {
 /// `2000-10-10T13:55:36.123Z`: RFC 3339 in UTC with milliseconds.
 fn time_iso8601(t: SystemTime, out: &mut Vec<u8>) {
     let c = civil(t);
-    let millis = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_millis());
+    let millis = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_millis());
     let _ = write!(
         out,
         "{}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
@@ -387,7 +398,17 @@ mod tests {
     #[test]
     fn known_dates() {
         let at = |s: u64| civil(UNIX_EPOCH + Duration::from_secs(s));
-        assert_eq!(at(0), Civil { year: 1970, month: 1, day: 1, hour: 0, minute: 0, second: 0 });
+        assert_eq!(
+            at(0),
+            Civil {
+                year: 1970,
+                month: 1,
+                day: 1,
+                hour: 0,
+                minute: 0,
+                second: 0
+            }
+        );
         // 2000-02-29 (a leap day in a century year divisible by 400).
         assert_eq!((at(951_782_400).month, at(951_782_400).day), (2, 29));
         // 2100-03-01: 2100 is not a leap year.

@@ -91,4 +91,3 @@ impl UpstreamInfo {
         UpstreamInfo { addr, duration }
     }
 }
-

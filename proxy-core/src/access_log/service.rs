@@ -377,7 +377,11 @@ mod tests {
         let fut = svc.oneshot(req(http::Method::GET, "/slow"));
         let _ = tokio::time::timeout(Duration::from_millis(1), fut).await;
         w.flush().await.unwrap();
-        assert!(mem.text().contains("\"GET /slow HTTP/1.1\" 499 0 "), "{}", mem.text());
+        assert!(
+            mem.text().contains("\"GET /slow HTTP/1.1\" 499 0 "),
+            "{}",
+            mem.text()
+        );
     }
 
     #[tokio::test]
@@ -385,36 +389,54 @@ mod tests {
         let (w, mem) = writer(Format::Combined);
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Error>>(4);
         let body = Mutex::new(Some(rx));
-        let svc = AccessLogLayer::new(w.clone()).layer(tower::service_fn(move |_req: Request| {
-            let rx = body.lock().unwrap().take().unwrap();
-            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|f| (f, rx))
-            });
-            async move { Ok::<_, Infallible>(Response::new(ProxyBody::boxed(StreamBody::new(stream)))) }
-        }));
-        let resp = svc.oneshot(req(http::Method::GET, "/stream")).await.unwrap();
+        let svc =
+            AccessLogLayer::new(w.clone()).layer(tower::service_fn(move |_req: Request| {
+                let rx = body.lock().unwrap().take().unwrap();
+                let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|f| (f, rx))
+                });
+                async move {
+                    Ok::<_, Infallible>(Response::new(ProxyBody::boxed(StreamBody::new(stream))))
+                }
+            }));
+        let resp = svc
+            .oneshot(req(http::Method::GET, "/stream"))
+            .await
+            .unwrap();
         let mut body = resp.into_body();
-        tx.send(Ok(Frame::data(Bytes::from_static(b"abc")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
+            .await
+            .unwrap();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "abc");
         drop(body);
         w.flush().await.unwrap();
-        assert!(mem.text().contains("\"GET /stream HTTP/1.1\" 499 3 "), "{}", mem.text());
+        assert!(
+            mem.text().contains("\"GET /stream HTTP/1.1\" 499 3 "),
+            "{}",
+            mem.text()
+        );
     }
 
     #[tokio::test]
     async fn unread_body_of_head_and_204_is_not_499() {
         let (w, mem) = writer(Format::Combined);
-        let svc = AccessLogLayer::new(w.clone()).layer(tower::service_fn(|req: Request| async move {
-            let mut resp = Response::new(ProxyBody::boxed(StreamBody::new(
-                futures_util::stream::pending::<Result<Frame<Bytes>, Error>>(),
-            )));
-            if req.uri().path() == "/nc" {
-                *resp.status_mut() = StatusCode::NO_CONTENT;
-            }
-            Ok::<_, Infallible>(resp)
-        }));
-        drop(svc.clone().oneshot(req(http::Method::HEAD, "/h")).await.unwrap());
+        let svc =
+            AccessLogLayer::new(w.clone()).layer(tower::service_fn(|req: Request| async move {
+                let mut resp = Response::new(ProxyBody::boxed(StreamBody::new(
+                    futures_util::stream::pending::<Result<Frame<Bytes>, Error>>(),
+                )));
+                if req.uri().path() == "/nc" {
+                    *resp.status_mut() = StatusCode::NO_CONTENT;
+                }
+                Ok::<_, Infallible>(resp)
+            }));
+        drop(
+            svc.clone()
+                .oneshot(req(http::Method::HEAD, "/h"))
+                .await
+                .unwrap(),
+        );
         drop(svc.oneshot(req(http::Method::GET, "/nc")).await.unwrap());
         w.flush().await.unwrap();
         let text = mem.text();
@@ -425,8 +447,9 @@ mod tests {
     #[tokio::test]
     async fn off_logs_nothing() {
         let (w, mem) = writer(Format::Combined);
-        let svc = AccessLogLayer::off()
-            .layer(tower::service_fn(|_req: Request| async { Ok::<_, Infallible>(ok("x")) }));
+        let svc = AccessLogLayer::off().layer(tower::service_fn(|_req: Request| async {
+            Ok::<_, Infallible>(ok("x"))
+        }));
         let resp = svc.oneshot(req(http::Method::GET, "/")).await.unwrap();
         resp.into_body().collect().await.unwrap();
         w.flush().await.unwrap();
@@ -441,10 +464,15 @@ mod tests {
             .queue(NonZeroUsize::new(2).unwrap())
             .build()
             .unwrap();
-        let svc = AccessLogLayer::new(w.clone())
-            .layer(tower::service_fn(|_req: Request| async { Ok::<_, Infallible>(ok("x")) }));
+        let svc = AccessLogLayer::new(w.clone()).layer(tower::service_fn(|_req: Request| async {
+            Ok::<_, Infallible>(ok("x"))
+        }));
         for _ in 0..5 {
-            let resp = svc.clone().oneshot(req(http::Method::GET, "/")).await.unwrap();
+            let resp = svc
+                .clone()
+                .oneshot(req(http::Method::GET, "/"))
+                .await
+                .unwrap();
             resp.into_body().collect().await.unwrap();
         }
         assert_eq!(w.stats().dropped(), 3);
@@ -458,8 +486,9 @@ mod tests {
             .flush(Duration::from_secs(5))
             .spawn()
             .unwrap();
-        let svc = AccessLogLayer::new(w.clone())
-            .layer(tower::service_fn(|_req: Request| async { Ok::<_, Infallible>(ok("x")) }));
+        let svc = AccessLogLayer::new(w.clone()).layer(tower::service_fn(|_req: Request| async {
+            Ok::<_, Infallible>(ok("x"))
+        }));
         let resp = svc.oneshot(req(http::Method::GET, "/")).await.unwrap();
         resp.into_body().collect().await.unwrap();
         tokio::time::sleep(Duration::from_millis(4900)).await;
@@ -477,8 +506,9 @@ mod tests {
             .flush(Duration::from_secs(3600))
             .spawn()
             .unwrap();
-        let svc = AccessLogLayer::new(w.clone())
-            .layer(tower::service_fn(|_req: Request| async { Ok::<_, Infallible>(ok("x")) }));
+        let svc = AccessLogLayer::new(w.clone()).layer(tower::service_fn(|_req: Request| async {
+            Ok::<_, Infallible>(ok("x"))
+        }));
         let resp = svc.oneshot(req(http::Method::GET, "/")).await.unwrap();
         resp.into_body().collect().await.unwrap();
         // No flush call and no time passing: only the task's own turns.
@@ -498,11 +528,15 @@ mod tests {
             .build()
             .unwrap();
         let task = tokio::spawn(task);
-        let svc = AccessLogLayer::new(w)
-            .layer(tower::service_fn(|_req: Request| async { Ok::<_, Infallible>(ok("x")) }));
+        let svc = AccessLogLayer::new(w).layer(tower::service_fn(|_req: Request| async {
+            Ok::<_, Infallible>(ok("x"))
+        }));
         let resp = svc.oneshot(req(http::Method::GET, "/")).await.unwrap();
         resp.into_body().collect().await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(mem.text().lines().count(), 1);
     }
 }

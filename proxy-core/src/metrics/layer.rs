@@ -129,7 +129,9 @@ where
                         .request_finished(route, ext.get::<UpstreamInfo>(), status, elapsed);
                 }
                 // A service error reaches the client as a dropped connection.
-                Err(_) => s.metrics.request_finished(s.route.as_ref(), None, 500, elapsed),
+                Err(_) => s
+                    .metrics
+                    .request_finished(s.route.as_ref(), None, 500, elapsed),
             }
         }
         Poll::Ready(res)

@@ -23,8 +23,7 @@ use crate::server::ServerStats;
 /// Latency buckets in seconds: fine below 100 ms where proxied APIs live, coarse up to
 /// a minute, so `histogram_quantile(0.99, ...)` has resolution where p50 and p99 fall.
 const LATENCY_BUCKETS: [f64; 16] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
 fn latency_histogram() -> Histogram {
@@ -87,8 +86,7 @@ impl Metrics {
             "Requests waiting for their response header",
             in_flight.clone(),
         );
-        let latency: HistogramFamily<RouteLabels> =
-            Family::new_with_constructor(latency_histogram);
+        let latency: HistogramFamily<RouteLabels> = Family::new_with_constructor(latency_histogram);
         registry.register(
             "proxy_http_request_duration_seconds",
             "Time from receiving a request to sending its response header",
@@ -212,17 +210,19 @@ impl Metrics {
 
     /// The rejection counter of a limit zone, for the limiter to keep and increment.
     pub fn rate_limit_rejections(&self, zone: &str) -> Counter {
-        self.inner.rejections.get_or_create_owned(&ZoneLabels {
-            zone: zone.into(),
-        })
+        self.inner
+            .rejections
+            .get_or_create_owned(&ZoneLabels { zone: zone.into() })
     }
 
     /// The counter of successful (`ok = true`) or failed TLS handshakes, for the TLS
     /// acceptor to keep and increment.
     pub fn tls_handshakes(&self, ok: bool) -> Counter {
-        self.inner.tls_handshakes.get_or_create_owned(&OutcomeLabels {
-            result: Outcome::from(ok),
-        })
+        self.inner
+            .tls_handshakes
+            .get_or_create_owned(&OutcomeLabels {
+                result: Outcome::from(ok),
+            })
     }
 
     /// Set when the certificate served for `name` expires.
@@ -431,6 +431,9 @@ impl EncodeLabelValue for Outcome {
     }
 }
 
+/// Reads one connection count of a listener.
+type ServerCount = fn(&ServerStats) -> u64;
+
 type UpstreamSource = Box<dyn Fn() -> Vec<UpstreamServerStat> + Send + Sync>;
 
 /// What is read at scrape time rather than counted on the request path.
@@ -465,7 +468,7 @@ impl Collector for Sources {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         {
             let servers = read(&self.servers);
-            let counters: [(&str, &str, fn(&ServerStats) -> u64); 3] = [
+            let counters: [(&str, &str, ServerCount); 3] = [
                 (
                     "proxy_connections_accepted",
                     "Client connections accepted (stub_status accepts)",
@@ -501,10 +504,18 @@ impl Collector for Sources {
             }
         }
         {
-            let stats = read(&self.upstreams).as_ref().map(|f| f()).unwrap_or_default();
+            let stats = read(&self.upstreams)
+                .as_ref()
+                .map(|f| f())
+                .unwrap_or_default();
             let labelled: Vec<_> = stats
                 .iter()
-                .map(|s| [("upstream", s.upstream.to_string()), ("server", s.server.to_string())])
+                .map(|s| {
+                    [
+                        ("upstream", s.upstream.to_string()),
+                        ("server", s.server.to_string()),
+                    ]
+                })
                 .collect();
             let mut m = enc.encode_descriptor(
                 "proxy_upstream_server_up",
@@ -591,15 +602,21 @@ mod tests {
         assert!(text.contains(
             "proxy_http_requests_total{server=\"api\",location=\"/v1/\",upstream=\"\",class=\"5xx\"} 1\n"
         ), "{text}");
-        assert!(text.contains(
-            "proxy_http_request_duration_seconds_count{server=\"api\",location=\"/v1/\"} 4\n"
-        ), "{text}");
+        assert!(
+            text.contains(
+                "proxy_http_request_duration_seconds_count{server=\"api\",location=\"/v1/\"} 4\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains(
             "proxy_http_request_duration_seconds_bucket{le=\"0.005\",server=\"api\",location=\"/v1/\"} 4\n"
         ), "{text}");
-        assert!(text.contains(
-            "proxy_upstream_response_duration_seconds_count{upstream=\"127.0.0.1:8001\"} 3\n"
-        ), "{text}");
+        assert!(
+            text.contains(
+                "proxy_upstream_response_duration_seconds_count{upstream=\"127.0.0.1:8001\"} 3\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("proxy_http_requests_in_flight 0\n"), "{text}");
     }
 
@@ -611,7 +628,10 @@ mod tests {
         m.rate_limit_rejections("login").inc();
         m.tls_handshakes(true).inc();
         m.tls_handshakes(false).inc_by(2);
-        m.set_certificate_expiry("example.com", UNIX_EPOCH + Duration::from_secs(1_900_000_000));
+        m.set_certificate_expiry(
+            "example.com",
+            UNIX_EPOCH + Duration::from_secs(1_900_000_000),
+        );
         m.record_reload(true);
         m.record_reload(false);
         m.register_upstream_stats(Box::new(|| {
