@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod access;
+pub mod access_log;
 pub mod balance;
 pub mod body;
 pub mod buffer;
@@ -22,6 +23,7 @@ pub mod forwarded;
 pub mod headers;
 pub mod hop;
 pub mod limit;
+pub mod metrics;
 pub mod reload;
 pub mod response;
 pub mod router;
