@@ -1,5 +1,6 @@
 //! The cost of one pick (select + release) in an upstream group of 2, 16 and 256
 //! servers, round-robin and least_conn, from one thread and from two threads at once.
+#![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -32,11 +33,16 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let _enter = rt.enter();
-    for (name, policy) in [("round_robin", Policy::RoundRobin), ("least_conn", Policy::LeastConn)] {
+    for (name, policy) in [
+        ("round_robin", Policy::RoundRobin),
+        ("least_conn", Policy::LeastConn),
+    ] {
         let mut one = c.benchmark_group(format!("balance/{name}/1_thread"));
         for n in [2usize, 16, 256] {
             let g = group(n, policy);
-            one.bench_with_input(BenchmarkId::from_parameter(n), &g, |b, g| b.iter(|| pick(g)));
+            one.bench_with_input(BenchmarkId::from_parameter(n), &g, |b, g| {
+                b.iter(|| pick(g))
+            });
         }
         one.finish();
 

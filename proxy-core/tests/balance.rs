@@ -1,6 +1,7 @@
 //! The balancer against real upstream servers on 127.0.0.1: failover under a steady
 //! stream of requests, nginx's retry rules, 502 when everything is down, backup servers,
 //! active health checks, in-flight counts under cancellation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -52,7 +53,12 @@ impl Upstream {
         let health_hits = Arc::new(AtomicUsize::new(0));
         let status = Arc::new(AtomicU16::new(200));
         let health = Arc::new(AtomicU16::new(200));
-        let (h, hh, st, he) = (hits.clone(), health_hits.clone(), status.clone(), health.clone());
+        let (h, hh, st, he) = (
+            hits.clone(),
+            health_hits.clone(),
+            status.clone(),
+            health.clone(),
+        );
         let task = tokio::spawn(async move {
             // Dropping the set (the task is aborted) kills every open connection too.
             let mut conns = JoinSet::new();
@@ -190,8 +196,15 @@ async fn send(
         .unwrap();
     let resp = client.request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?;
-    Ok((status, String::from_utf8_lossy(&body.to_bytes()).into_owned()))
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((
+        status,
+        String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+    ))
 }
 
 async fn get(client: &Client<HttpConnector, ProxyBody>, front: SocketAddr) -> (StatusCode, String) {
@@ -243,7 +256,10 @@ async fn killed_upstream_costs_no_client_error_and_is_probed_again() {
             (ok, bad)
         });
     }
-    wait_until("traffic on every upstream", 5, || ups.iter().all(|u| u.hits() >= 3)).await;
+    wait_until("traffic on every upstream", 5, || {
+        ups.iter().all(|u| u.hits() >= 3)
+    })
+    .await;
 
     let [a, b, c] = ups;
     let b_addr = b.kill().await;
@@ -274,7 +290,10 @@ async fn killed_upstream_costs_no_client_error_and_is_probed_again() {
     }
     assert!(total > 20, "only {total} requests");
     assert!(a.hits() > 0 && c.hits() > 0);
-    wait_until("nothing in flight", 5, || group.stats().all(|s| s.in_flight == 0)).await;
+    wait_until("nothing in flight", 5, || {
+        group.stats().all(|s| s.in_flight == 0)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -333,7 +352,10 @@ async fn listed_status_goes_to_the_next_server_and_counts() {
     let balance = Balance::new(group.clone(), upstream_client());
     // Not listed: the 502 is the answer and does not count.
     let f = front(balance.clone()).await;
-    assert_eq!(get(&client, f).await, (StatusCode::BAD_GATEWAY, "bad".into()));
+    assert_eq!(
+        get(&client, f).await,
+        (StatusCode::BAD_GATEWAY, "bad".into())
+    );
     assert_eq!(group.stats().next().unwrap().fails, 0);
     // Listed: retried, and counted.
     let f = front(balance.with_next_upstream(NextUpstream::default().on(Condition::Http502))).await;
@@ -360,9 +382,16 @@ async fn all_down_is_502_at_once() {
     for _ in 0..3 {
         assert_eq!(get(&client, f).await.0, StatusCode::BAD_GATEWAY);
     }
-    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
     // The cause is "no live upstreams".
-    let resp = balance.oneshot(http::Request::new(ProxyBody::empty())).await.unwrap();
+    let resp = balance
+        .oneshot(http::Request::new(ProxyBody::empty()))
+        .await
+        .unwrap();
     let cause = resp.extensions().get::<ErrorCause>().unwrap();
     assert_eq!(cause.0.kind(), proxy_core::error::Kind::NoLiveUpstreams);
 }
@@ -408,11 +437,17 @@ async fn active_check_marks_down_and_up() {
         .build()
         .unwrap();
     let f = front(Balance::new(group.clone(), upstream_client())).await;
-    wait_until("first checks", 5, || a.health_hits.load(Ordering::SeqCst) >= 2).await;
+    wait_until("first checks", 5, || {
+        a.health_hits.load(Ordering::SeqCst) >= 2
+    })
+    .await;
     assert!(group.stats().all(|s| s.state == ServerState::Up));
 
     a.health.store(503, Ordering::SeqCst);
-    wait_until("a unhealthy", 5, || state(&group, 0) == ServerState::Unhealthy).await;
+    wait_until("a unhealthy", 5, || {
+        state(&group, 0) == ServerState::Unhealthy
+    })
+    .await;
     let before = a.hits();
     for _ in 0..6 {
         assert_eq!(get(&client, f).await, (StatusCode::OK, "b".into()));
@@ -434,7 +469,10 @@ async fn health_task_stops_with_the_group() {
         .build()
         .unwrap();
     let weak = Arc::downgrade(&group);
-    wait_until("checks", 5, || a.health_hits.load(Ordering::SeqCst) + a.hits() >= 2).await;
+    wait_until("checks", 5, || {
+        a.health_hits.load(Ordering::SeqCst) + a.hits() >= 2
+    })
+    .await;
     drop(group);
     assert!(weak.upgrade().is_none());
     let settled = a.hits();
@@ -459,5 +497,8 @@ async fn cancelled_request_gives_its_slot_back() {
     wait_until("request at the upstream", 5, || slow.hits() == 1).await;
     assert_eq!(group.stats().next().unwrap().in_flight, 1);
     pending.abort();
-    wait_until("slot given back", 5, || group.stats().next().unwrap().in_flight == 0).await;
+    wait_until("slot given back", 5, || {
+        group.stats().next().unwrap().in_flight == 0
+    })
+    .await;
 }

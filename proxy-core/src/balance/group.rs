@@ -119,9 +119,7 @@ impl Group {
                 return None;
             };
             tried.insert(index);
-            let Some(peer) = self.peers.get(index) else {
-                return None;
-            };
+            let peer = self.peers.get(index)?;
             if peer.claim(now, self.single) {
                 return Some(Lease {
                     group: Arc::clone(self),
@@ -227,9 +225,9 @@ impl GroupBuilder {
             return Err(GroupError::TooManyServers);
         }
         let handle = match &self.health {
-            Some(_) => Some(
-                tokio::runtime::Handle::try_current().map_err(|_| GroupError::NoRuntime)?,
-            ),
+            Some(_) => {
+                Some(tokio::runtime::Handle::try_current().map_err(|_| GroupError::NoRuntime)?)
+            }
             None => None,
         };
         let n = servers.len();

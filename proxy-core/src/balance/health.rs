@@ -126,10 +126,13 @@ impl Task {
     /// Run until the group is dropped. The task holds only a `Weak` to the group
     /// between rounds, so it never keeps a replaced group alive.
     pub(crate) async fn run(mut self, group: Weak<Group>) {
-        let mut config = ClientConfig::default();
-        config.keepalive = 0;
-        config.connect_timeout = self.check.timeout;
-        config.read_timeout = self.check.timeout;
+        // No pooling: a check is a fresh connection, as a new client's would be.
+        let config = ClientConfig {
+            keepalive: 0,
+            connect_timeout: self.check.timeout,
+            read_timeout: self.check.timeout,
+            ..ClientConfig::default()
+        };
         let client = UpstreamClient::new(config);
         let mut ticker = tokio::time::interval(self.check.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -122,7 +122,9 @@ pub struct NextUpstream {
 
 impl Default for NextUpstream {
     fn default() -> Self {
-        NextUpstream::off().on(Condition::Error).on(Condition::Timeout)
+        NextUpstream::off()
+            .on(Condition::Error)
+            .on(Condition::Timeout)
     }
 }
 

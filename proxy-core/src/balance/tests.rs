@@ -1,5 +1,6 @@
 //! Unit tests of the group: nginx's sequences and bookkeeping on a paused clock, and
 //! property tests of the policies and the in-flight counts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::atomic::Ordering;
@@ -204,7 +205,9 @@ async fn all_unavailable_gives_none() {
     lease_on(&g, 0).unwrap().failure();
     lease_on(&g, 1).unwrap().failure();
     assert!(pick(&g).is_none());
-    assert!(g.stats().all(|s| s.state == ServerState::Down && s.in_flight == 0));
+    assert!(g
+        .stats()
+        .all(|s| s.state == ServerState::Down && s.in_flight == 0));
 }
 
 #[test]
