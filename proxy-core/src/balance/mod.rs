@@ -67,5 +67,11 @@ pub use pick::Tried;
 pub use server::{Server, ServerState, ServerStats};
 pub use service::{Balance, Condition, NextUpstream, UnknownCondition};
 
+/// The README section (`docs/balance.md`), so that its example is compiled by the doc
+/// tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/balance.md")]
+struct ReadmeSection;
+
 #[cfg(test)]
 mod tests;
