@@ -85,9 +85,13 @@ impl Upstream {
                                 (st.load(Ordering::SeqCst), name)
                             }
                         };
-                        let mut resp = http::Response::new(http_body_util::Full::new(
-                            Bytes::from_static(body.as_bytes()),
-                        ));
+                        // A request with a body gets it echoed back.
+                        let received = req.into_body().collect().await.map(|b| b.to_bytes());
+                        let body = match received {
+                            Ok(b) if !b.is_empty() => b,
+                            _ => Bytes::from_static(body.as_bytes()),
+                        };
+                        let mut resp = http::Response::new(http_body_util::Full::new(body));
                         *resp.status_mut() = StatusCode::from_u16(status).unwrap();
                         Ok::<_, Infallible>(resp)
                     }
@@ -189,10 +193,20 @@ async fn send(
     method: Method,
     path: &str,
 ) -> Result<(StatusCode, String), String> {
+    send_body(client, front, method, path, ProxyBody::empty()).await
+}
+
+async fn send_body(
+    client: &Client<HttpConnector, ProxyBody>,
+    front: SocketAddr,
+    method: Method,
+    path: &str,
+    body: ProxyBody,
+) -> Result<(StatusCode, String), String> {
     let req = http::Request::builder()
         .method(method)
         .uri(format!("http://{front}{path}"))
-        .body(ProxyBody::empty())
+        .body(body)
         .unwrap();
     let resp = client.request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
@@ -336,6 +350,50 @@ async fn post_is_not_retried_once_sent() {
     let f = front(Balance::new(group, upstream_client())).await;
     let (status, _) = send(&client, f, Method::POST, "/").await.unwrap();
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn streamed_body_is_retried_only_if_never_read() {
+    let client = client();
+    let good = Upstream::start("good").await;
+    // Connection refused: the body was never read, the request goes on with it whole.
+    let group = Group::builder("refused")
+        .server(Server::new(dead_addr().await))
+        .server(Server::new(good.addr))
+        .build()
+        .unwrap();
+    let f = front(Balance::new(group, upstream_client())).await;
+    let sent = send_body(
+        &client,
+        f,
+        Method::PUT,
+        "/",
+        ProxyBody::from("streamed body"),
+    )
+    .await;
+    assert_eq!(sent.unwrap(), (StatusCode::OK, "streamed body".into()));
+    assert_eq!(good.hits(), 1);
+
+    // The first server took the request and closed: the body started, no second try
+    // even for an idempotent PUT.
+    let (closer_addr, accepted) = closer().await;
+    let group = Group::builder("closed")
+        .server(Server::new(closer_addr))
+        .server(Server::new(good.addr))
+        .build()
+        .unwrap();
+    let f = front(Balance::new(group, upstream_client())).await;
+    let sent = send_body(
+        &client,
+        f,
+        Method::PUT,
+        "/",
+        ProxyBody::from("streamed body"),
+    )
+    .await;
+    assert_eq!(sent.unwrap().0, StatusCode::BAD_GATEWAY);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(good.hits(), 1);
 }
 
 #[tokio::test]

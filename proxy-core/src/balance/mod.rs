@@ -57,6 +57,7 @@ mod future;
 mod group;
 mod health;
 mod pick;
+mod replay;
 mod server;
 mod service;
 

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::balance::future::{ResponseBody, ResponseFuture};
 use crate::balance::group::{Group, Lease};
+use crate::balance::replay::Spare;
 use crate::body::{ProxyBody, Request, Response};
 use crate::error::{Error, Kind};
 use crate::response;
@@ -329,12 +330,13 @@ async fn run(inner: Arc<Inner>, req: Request) -> Response {
         // (and its slot) before sending.
         drop(std::mem::replace(&mut last, Last::Nothing));
         attempt += 1;
-        // A copy to retry with, only when a retry may happen: the body must be
-        // replayable (empty or buffered); a streamed body is never sent twice.
-        let spare = if next.retries_anything() && attempt < max_tries && !next.expired(start) {
-            replay(&req)
+        // What to retry with, only when a retry may happen: a copy of a replayable
+        // body, or a streamed body lent so that it can be reclaimed if never read.
+        let (req, spare) = if next.retries_anything() && attempt < max_tries && !next.expired(start)
+        {
+            Spare::prepare(req)
         } else {
-            None
+            (req, Spare::None)
         };
         let addr = lease.addr();
         match inner.client.send_with(addr, req, &inner.timeouts).await {
@@ -347,7 +349,7 @@ async fn run(inner: Arc<Inner>, req: Request) -> Response {
                 }
                 let allowed = !non_idempotent || next.has(Condition::NonIdempotent);
                 if next.retries_status(status) && allowed && !next.expired(start) {
-                    if let Some(spare) = spare {
+                    if let Some(spare) = spare.take(true) {
                         tracing::debug!(upstream = %addr, %status, "trying the next upstream");
                         last = Last::Answered(resp, lease);
                         pending = Some(spare);
@@ -369,7 +371,7 @@ async fn run(inner: Arc<Inner>, req: Request) -> Response {
                 );
                 let allowed = !sent || !non_idempotent || next.has(Condition::NonIdempotent);
                 if next.retries_error(&e) && allowed && !next.expired(start) {
-                    if let Some(spare) = spare {
+                    if let Some(spare) = spare.take(sent) {
                         last = Last::Failed(e);
                         pending = Some(spare);
                         continue;
@@ -391,23 +393,6 @@ async fn run(inner: Arc<Inner>, req: Request) -> Response {
 
 fn is_non_idempotent(method: &Method) -> bool {
     *method == Method::POST || *method == Method::PATCH || method.as_str() == "LOCK"
-}
-
-/// A copy of `req` to send again, if its body can be replayed.
-fn replay(req: &Request) -> Option<Request> {
-    let body = if req.body().is_end_stream() {
-        // Includes hyper's incoming body of a request without one.
-        ProxyBody::empty()
-    } else {
-        req.body().try_clone()?
-    };
-    let mut copy = http::Request::new(body);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    *copy.extensions_mut() = req.extensions().clone();
-    Some(copy)
 }
 
 /// The response, holding the server's in-flight slot until its body is done.
