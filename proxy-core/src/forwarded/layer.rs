@@ -240,3 +240,192 @@ impl<F: Future> Future for ResponseFuture<F> {
         self.project().inner.poll(cx)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests may unwrap.
+mod tests {
+    use std::convert::Infallible;
+
+    use http::{HeaderMap, Request, Response};
+    use tower::{service_fn, ServiceExt};
+
+    use super::*;
+    use crate::client_info::{ClientInfo, RealClient, Scheme};
+
+    /// Run one request through the layer; what the inner service saw.
+    async fn seen(
+        layer: ForwardedLayer,
+        peer: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (HeaderMap, Option<RealClient>) {
+        let svc = layer.layer(service_fn(|req: Request<()>| async move {
+            let client = req.extensions().get::<RealClient>().cloned();
+            Ok::<_, Infallible>(Response::new((req.headers().clone(), client)))
+        }));
+        let mut req = Request::builder().uri("/").header("host", "example.com");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut req = req.body(()).unwrap();
+        if let Some(peer) = peer {
+            req.extensions_mut().insert(ClientInfo::new(
+                peer.parse().unwrap(),
+                "127.0.0.1:8080".parse().unwrap(),
+                Scheme::Http,
+            ));
+        }
+        svc.oneshot(req).await.unwrap().into_body()
+    }
+
+    fn trusted() -> ForwardedLayer {
+        ForwardedLayer::new().trusted("10.0.0.0/8".parse().unwrap())
+    }
+
+    const SPOOF: [(&str, &str); 4] = [
+        ("x-forwarded-for", "1.1.1.1"),
+        ("x-real-ip", "1.1.1.1"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "evil.example"),
+    ];
+
+    #[tokio::test]
+    async fn untrusted_spoof_is_recorded_not_believed() {
+        let (h, client) = seen(trusted(), Some("192.0.2.9:5000"), &SPOOF).await;
+        let client = client.unwrap();
+        assert_eq!(client.ip, "192.0.2.9".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(client.scheme, Scheme::Http);
+        assert_eq!(client.host, None);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 192.0.2.9");
+        assert_eq!(h["x-real-ip"], "192.0.2.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["x-forwarded-port"], "8080");
+
+        let strict = trusted().x_forwarded_for(XffPolicy::ReplaceUntrusted);
+        let (h, _) = seen(strict, Some("192.0.2.9:5000"), &SPOOF).await;
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9");
+    }
+
+    #[tokio::test]
+    async fn trusted_chain_is_believed_and_extended() {
+        let headers = [
+            ("x-forwarded-for", "203.0.113.7, 10.0.0.3"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "app.example:8443"),
+            ("x-forwarded-port", "8443"),
+        ];
+        let strict = trusted().x_forwarded_for(XffPolicy::ReplaceUntrusted);
+        let (h, client) = seen(strict, Some("10.0.0.2:5000"), &headers).await;
+        let client = client.unwrap();
+        assert_eq!(
+            client.ip,
+            "203.0.113.7".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_eq!(client.port, None);
+        assert_eq!(client.scheme, Scheme::Https);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.3, 10.0.0.2");
+        assert_eq!(h["x-real-ip"], "203.0.113.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "app.example:8443");
+        assert_eq!(h["x-forwarded-port"], "8443");
+    }
+
+    #[tokio::test]
+    async fn forwarded_header_set() {
+        let layer = trusted().forwarded(HeaderPolicy::Set);
+        let (h, _) = seen(
+            layer.clone(),
+            Some("[::1]:5000"),
+            &[("forwarded", "for=_hidden")],
+        )
+        .await;
+        assert_eq!(
+            h["forwarded"],
+            r#"for=_hidden, for="[::1]:5000";by="127.0.0.1:8080";host=example.com;proto=http"#
+        );
+        let (h, _) = seen(
+            layer.x_forwarded_for(XffPolicy::ReplaceUntrusted),
+            Some("192.0.2.1:7"),
+            &[("forwarded", "for=_hidden")],
+        )
+        .await;
+        assert_eq!(
+            h["forwarded"],
+            r#"for="192.0.2.1:7";by="127.0.0.1:8080";host=example.com;proto=http"#
+        );
+    }
+
+    #[tokio::test]
+    async fn pass_and_remove() {
+        let layer = trusted()
+            .x_forwarded_for(XffPolicy::Pass)
+            .x_real_ip(HeaderPolicy::Remove)
+            .x_forwarded_proto(HeaderPolicy::Pass)
+            .x_forwarded_host(HeaderPolicy::Remove)
+            .x_forwarded_port(HeaderPolicy::Remove)
+            .forwarded(HeaderPolicy::Remove);
+        let mut headers = SPOOF.to_vec();
+        headers.push(("forwarded", "for=1.1.1.1"));
+        let (h, _) = seen(layer, Some("192.0.2.9:5000"), &headers).await;
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        for gone in [
+            "x-real-ip",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "forwarded",
+        ] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+    }
+
+    #[tokio::test]
+    async fn without_client_info_nothing_is_vouched_for() {
+        let (h, client) = seen(trusted(), None, &SPOOF).await;
+        assert_eq!(client, None);
+        for gone in [
+            "x-forwarded-for",
+            "x-real-ip",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+        ] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+    }
+
+    #[tokio::test]
+    async fn connection_cannot_strip_our_headers() {
+        let (mut h, _) = seen(
+            trusted(),
+            Some("192.0.2.9:5000"),
+            &[
+                ("connection", "keep-alive, X-Real-IP, x-forwarded-for"),
+                ("connection", "x-other"),
+            ],
+        )
+        .await;
+        assert_eq!(h["connection"], "keep-alive, x-other");
+        crate::hop::strip(&mut h, false);
+        assert_eq!(h["x-real-ip"], "192.0.2.9");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9");
+    }
+
+    #[tokio::test]
+    async fn http2_authority_is_the_host() {
+        let svc = trusted().layer(service_fn(|req: Request<()>| async move {
+            Ok::<_, Infallible>(Response::new(req.headers().clone()))
+        }));
+        let mut req = Request::builder()
+            .uri("https://example.org:8443/x")
+            .body(())
+            .unwrap();
+        req.extensions_mut().insert(ClientInfo::new(
+            "192.0.2.9:5000".parse().unwrap(),
+            "127.0.0.1:8443".parse().unwrap(),
+            Scheme::Https,
+        ));
+        let h = svc.oneshot(req).await.unwrap().into_body();
+        assert_eq!(h["x-forwarded-host"], "example.org:8443");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+}
