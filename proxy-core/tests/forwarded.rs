@@ -11,7 +11,7 @@ use http::HeaderValue;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use proxy_core::client_info::{RealClient, Scheme};
-use proxy_core::forwarded::proxy_protocol::write_v2;
+use proxy_core::forwarded::proxy_protocol::{self, write_v2};
 use proxy_core::forwarded::{ForwardedLayer, ProxyProtocol, TrustedProxies, XffPolicy};
 use proxy_core::server::{Accept, Plain};
 use proxy_core::upstream::{ClientConfig, Forward, UpstreamClient};
@@ -365,4 +365,59 @@ async fn proxy_header_from_an_untrusted_source_is_refused() {
         .await
         .unwrap();
     assert_eq!(resp.header("x-client"), "127.0.0.2");
+}
+
+/// The committed fuzz seeds are the inputs they claim to be (a seed that no longer
+/// parses would fuzz the error path only).
+#[test]
+fn fuzz_seeds_are_valid_inputs() {
+    use proxy_core::forwarded::{
+        parse_cidr_list, parse_forwarded, parse_host, parse_xff_addr, xff_entries,
+    };
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let read = |target: &str, seed: &str| std::fs::read(corpus.join(target).join(seed)).unwrap();
+    let text = |target: &str, seed: &str| String::from_utf8(read(target, seed)).unwrap();
+    for seed in ["list", "ports"] {
+        let s = text("xff", seed);
+        assert!(
+            xff_entries(&s).all(|e| parse_xff_addr(e).is_some()),
+            "{seed}"
+        );
+    }
+    for seed in ["rfc", "obfuscated", "escapes"] {
+        let s = text("forwarded", seed);
+        assert!(parse_forwarded(&s).all(|e| e.is_ok()), "{seed}");
+    }
+    for seed in ["name", "ipv6", "dot"] {
+        assert!(parse_host(&text("host", seed)).is_some(), "{seed}");
+    }
+    for seed in ["list", "star", "mixed"] {
+        assert!(parse_cidr_list(&text("cidr", seed)).is_ok(), "{seed}");
+    }
+    for seed in [
+        "v1_tcp4",
+        "v1_tcp6",
+        "v1_unknown",
+        "v2_tcp4_tlv",
+        "v2_local",
+    ] {
+        assert!(
+            proxy_protocol::parse(&read("proxy_protocol", seed)).is_ok(),
+            "{seed}"
+        );
+    }
+    // Every target has a seed directory.
+    for target in [
+        "xff",
+        "forwarded",
+        "connection",
+        "host",
+        "cidr",
+        "proxy_protocol",
+    ] {
+        assert!(
+            corpus.join(target).read_dir().unwrap().next().is_some(),
+            "{target}"
+        );
+    }
 }
