@@ -39,6 +39,11 @@ pub enum XffPolicy {
     /// As `Append` for trusted peers; an untrusted peer's list is replaced by its
     /// address alone (the stricter way some proxies take).
     ReplaceUntrusted,
+    /// The client this layer resolved, alone. For an upstream that trusts only this
+    /// proxy (uvicorn's `--forwarded-allow-ips=127.0.0.1`) while this proxy sits behind
+    /// other trusted proxies: with `Append` such an upstream would stop at the nearest
+    /// of them and take it for the client.
+    ResolvedClient,
     /// Pass the client's header on untouched.
     Pass,
     /// Remove the header.
@@ -165,8 +170,9 @@ impl ForwardedLayer {
     }
 
     /// RFC 7239 `Forwarded`: `Set` appends `for=<peer>;by=<local>;host=<host>;proto=<scheme>`
-    /// to the incoming list, which is kept or dropped as the `X-Forwarded-For` list is
-    /// (default `Pass`).
+    /// to the incoming list; an untrusted peer's list is dropped when `X-Forwarded-For`
+    /// is [`ReplaceUntrusted`](XffPolicy::ReplaceUntrusted) or
+    /// [`ResolvedClient`](XffPolicy::ResolvedClient), kept otherwise (default `Pass`).
     pub fn forwarded(mut self, policy: HeaderPolicy) -> Self {
         self.config().forwarded = policy;
         self
@@ -328,6 +334,16 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "app.example:8443");
         assert_eq!(h["x-forwarded-port"], "8443");
+    }
+
+    #[tokio::test]
+    async fn resolved_client_alone() {
+        let layer = trusted().x_forwarded_for(XffPolicy::ResolvedClient);
+        let chain = [("x-forwarded-for", "6.6.6.6, 203.0.113.7, 10.0.0.3")];
+        let (h, _) = seen(layer.clone(), Some("10.0.0.2:5000"), &chain).await;
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7");
+        let (h, _) = seen(layer, Some("192.0.2.9:5000"), &chain).await;
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9");
     }
 
     #[tokio::test]

@@ -37,7 +37,7 @@ pub(crate) fn rewrite(
 ) {
     let peer_ip = info.peer.ip().to_canonical();
     let keep_chain = match config.xff {
-        XffPolicy::ReplaceUntrusted => resolved.peer_trusted,
+        XffPolicy::ReplaceUntrusted | XffPolicy::ResolvedClient => resolved.peer_trusted,
         _ => true,
     };
 
@@ -55,6 +55,7 @@ pub(crate) fn rewrite(
         XffPolicy::Remove => {
             headers.remove(&X_FORWARDED_FOR);
         }
+        XffPolicy::ResolvedClient => set(headers, X_FORWARDED_FOR, value(client_text.clone())),
         XffPolicy::Append | XffPolicy::ReplaceUntrusted => {
             let list = append_to_list(headers, &X_FORWARDED_FOR, keep_chain, |buf| {
                 buf.put_slice(&peer_text)
@@ -109,7 +110,7 @@ pub(crate) fn rewrite(
 /// Without a `ClientInfo` nothing can be vouched for: every header this layer would
 /// set is removed instead, so a client cannot pass its own off as the proxy's.
 pub(crate) fn remove_unvouched(config: &Config, headers: &mut HeaderMap) {
-    if matches!(config.xff, XffPolicy::Append | XffPolicy::ReplaceUntrusted) {
+    if config.xff != XffPolicy::Pass {
         headers.remove(&X_FORWARDED_FOR);
     }
     for (policy, name) in [
