@@ -66,7 +66,9 @@
 //!
 //! [`ProxyProtocol`] wraps a listener's [`Accept`](crate::server::Accept) and reads a
 //! v1 or v2 header from trusted sources before TLS or HTTP; [`proxy_protocol`] parses
-//! and writes headers (`write_v2` for sending one to an upstream).
+//! and writes headers. [`proxy_protocol::write_v2`] makes the header for sending to an
+//! upstream; the pooled upstream client does not send it yet (a pooled connection
+//! serves many clients, so it would need a connection per client address).
 //!
 //! # Parsers
 //!
@@ -94,6 +96,11 @@ pub use rfc7239::{
 pub use xff::{parse_xff_addr, xff_entries};
 
 use crate::client_info::ClientInfo;
+
+/// The user guide in `docs/forwarded.md`, compiled here so its example is tested.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/forwarded.md")]
+pub struct ReadmeDoctests;
 
 /// Resolve the client of `req` and rewrite its forwarded headers.
 fn apply<B>(config: &layer::Config, req: &mut http::Request<B>) {
