@@ -19,7 +19,10 @@ fn inputs(size: usize) -> Vec<(&'static str, String)> {
     vec![
         ("xff_addresses", fill("203.0.113.7, ")),
         ("xff_commas", fill(",")),
-        ("forwarded_elements", fill(r#"for="[2001:db8::1]:4711";proto=https, "#)),
+        (
+            "forwarded_elements",
+            fill(r#"for="[2001:db8::1]:4711";proto=https, "#),
+        ),
         ("forwarded_escapes", format!("host=\"{}\"", fill(r"\a"))),
         ("forwarded_unterminated", format!("for=\"{}", fill("a"))),
         ("host_long", fill("a")),
