@@ -78,14 +78,7 @@ pub fn main() -> ExitCode {
                 (None, true) => (Source::default_config(), Origin::Fixed),
                 (None, false) => (one_line(listen, &upstream), Origin::Fixed),
             };
-            let mut plan = match config::load(&source) {
-                Ok(p) => p,
-                Err(errs) => return report(&errs),
-            };
-            if workers.is_some() {
-                plan.workers = workers;
-            }
-            match crate::run::run(plan, origin, pid_file) {
+            match crate::run::run(source, origin, workers, pid_file) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("proxy: {e}");
@@ -101,7 +94,18 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(s) => s,
         Err(errs) => return report(&errs),
     };
-    match config::load(&source) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("proxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let loaded = rt.block_on(async { config::load(&source, &mut config::Shared::default()) });
+    match loaded {
         Ok(plan) => {
             println!(
                 "{}: ok ({} listener{})",

@@ -1,21 +1,30 @@
-//! Running a plan: the runtime, the listeners, reloads and signals.
+//! Running a config: the runtime, the listeners, reloads and signals.
 //!
-//! Every listener serves a [`Reloadable`] router. SIGHUP re-reads the config file: when it
-//! is valid, each listener's router is swapped atomically (requests in flight finish on
-//! the old one), new listen addresses start and vanished ones drain; when it is invalid,
-//! the errors are logged with file, line and key and the old config keeps serving.
+//! Every listener serves a [`Reloadable`] service. SIGHUP re-reads the config file: when
+//! it is valid, each listener's routes are swapped atomically (requests in flight finish
+//! on the old ones), new listen addresses start and vanished ones drain; when it is
+//! invalid, the errors are logged with file, line and key and the old config keeps
+//! serving. SIGUSR1 reopens the access logs (logrotate). SIGTERM/SIGINT drain and exit 0.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
+use proxy_core::balance::{Group, ServerState};
+use proxy_core::client_info::Scheme;
+use proxy_core::forwarded::ProxyProtocol;
+use proxy_core::metrics::{AdminService, Readiness, UpstreamServerStat};
 use proxy_core::reload::{ReloadHandle, Reloadable};
-use proxy_core::router::Router;
-use proxy_core::server::Server;
+use proxy_core::router::LocationService;
+use proxy_core::server::{Accept, HttpConfig, Plain, Server};
+use proxy_core::timeout::SendTimeoutAccept;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{self, ListenerPlan, Plan, Source};
+use crate::config::{self, ListenerPlan, Plan, Shared, Source};
 
 /// Where the running config came from, so a reload can read it again.
 #[derive(Debug, Clone)]
@@ -26,58 +35,80 @@ pub enum Origin {
     Fixed,
 }
 
-/// Build the runtime, bind every listener (all before serving, so a bad address fails
-/// the start), serve until SIGTERM or SIGINT, then drain. A second signal exits at once.
-pub fn run(plan: Plan, origin: Origin, pid_file: Option<PathBuf>) -> std::io::Result<()> {
+/// Parse the config, build the runtime, check and bind everything (before serving, so a
+/// bad config or address fails the start), serve until SIGTERM or SIGINT, then drain.
+pub fn run(
+    source: Source,
+    origin: Origin,
+    workers: Option<usize>,
+    pid_file: Option<PathBuf>,
+) -> Result<(), String> {
+    let parsed = source.parse().map_err(|errs| join(&errs))?;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = plan.workers {
+    if let Some(n) = workers.or(parsed.global.workers) {
         rt.worker_threads(n);
     }
-    let rt = rt.enable_all().build()?;
-    let _pid = match pid_file {
-        Some(path) => Some(PidFile::write(path)?),
-        None => None,
-    };
+    let rt = rt.enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let mut running = Running::default();
-        running.apply(plan.listeners, plan.shutdown_timeout)?;
-        let mut signals = Signals::new()?;
-        while let Signal::Reload = signals.next().await {
-            running.reload(&origin);
+        let plan = config::build(&source, &parsed, &mut running.shared).map_err(|errs| join(&errs))?;
+        running.apply(plan).map_err(|e| e.to_string())?;
+        let _pid = match pid_file {
+            Some(path) => Some(PidFile::write(path).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        running.readiness.set_ready(true);
+        let mut signals = Signals::new().map_err(|e| e.to_string())?;
+        loop {
+            match signals.next().await {
+                Signal::Reload => running.reload(&origin),
+                Signal::Reopen => running.reopen_logs().await,
+                Signal::Stop => break,
+            }
         }
+        running.readiness.set_ready(false);
         tracing::info!(deadline = ?running.shutdown_timeout, "shutting down: draining in-flight requests");
         tokio::select! {
             () = running.stop_all() => tracing::info!("stopped"),
-            _ = signals.next() => tracing::warn!("second signal: stopping now"),
+            () = async { while !matches!(signals.next().await, Signal::Stop) {} } => {
+                tracing::warn!("second signal: stopping now");
+            }
         }
         Ok(())
     })
 }
 
+fn join(errs: &[config::Diagnostic]) -> String {
+    errs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// One serving listener.
 struct Live {
-    handle: ReloadHandle<Router>,
+    handle: ReloadHandle<LocationService>,
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
 }
 
 #[derive(Default)]
 struct Running {
+    shared: Shared,
     listeners: HashMap<SocketAddr, Live>,
-    shutdown_timeout: std::time::Duration,
+    admin: Option<(SocketAddr, Live)>,
+    acme: Vec<JoinHandle<()>>,
+    readiness: Readiness,
+    shutdown_timeout: Duration,
 }
 
 impl Running {
-    /// Make the running listeners match `plans`: swap routers of kept addresses, start
-    /// new ones, drain removed ones. Binding happens before anything is changed, so a
-    /// reload that cannot bind changes nothing.
-    fn apply(
-        &mut self,
-        plans: Vec<ListenerPlan>,
-        shutdown_timeout: std::time::Duration,
-    ) -> std::io::Result<()> {
-        let mut bound = Vec::new();
-        for p in &plans {
+    /// Make the running listeners match `plan`: swap the services of kept addresses,
+    /// start new ones, drain removed ones. Binding happens before anything is changed, so
+    /// a reload that cannot bind changes nothing.
+    fn apply(&mut self, plan: Plan) -> std::io::Result<()> {
+        let mut bound = HashMap::new();
+        for p in &plan.listeners {
             if !self.listeners.contains_key(&p.listen.addr) {
                 let l = p.listen.bind().map_err(|e| {
                     std::io::Error::new(
@@ -85,27 +116,29 @@ impl Running {
                         format!("cannot listen on {}: {e}", p.listen.addr),
                     )
                 })?;
-                bound.push((p.listen.addr, l));
+                bound.insert(p.listen.addr, l);
             }
         }
-        self.shutdown_timeout = shutdown_timeout;
-        let keep: Vec<SocketAddr> = plans.iter().map(|p| p.listen.addr).collect();
-        for plan in plans {
-            let addr = plan.listen.addr;
+        let admin_listener = match plan.admin {
+            Some(addr) if self.admin.as_ref().map(|(a, _)| *a) != Some(addr) => {
+                Some((addr, bind_admin(addr)?))
+            }
+            _ => None,
+        };
+        self.shutdown_timeout = plan.shutdown_timeout;
+        let keep: Vec<SocketAddr> = plan.listeners.iter().map(|p| p.listen.addr).collect();
+        for lp in plan.listeners {
+            let addr = lp.listen.addr;
             if let Some(live) = self.listeners.get(&addr) {
-                live.handle.swap(plan.router);
+                live.handle.swap(lp.service);
                 continue;
             }
-            let Some(pos) = bound.iter().position(|(a, _)| *a == addr) else {
+            let Some(listener) = bound.remove(&addr) else {
                 continue;
             };
-            let (_, listener) = bound.swap_remove(pos);
-            let (svc, handle) = Reloadable::new(plan.router);
-            let (stop, stopped) = watch::channel(false);
-            let server = Server::new(listener).config(plan.http);
-            let task = tokio::spawn(server.serve(svc, wait_stop(stopped)));
+            let live = self.start(listener, lp);
             tracing::info!(%addr, "listening");
-            self.listeners.insert(addr, Live { handle, stop, task });
+            self.listeners.insert(addr, live);
         }
         let gone: Vec<SocketAddr> = self
             .listeners
@@ -119,7 +152,97 @@ impl Running {
                 let _ = live.stop.send(true);
             }
         }
+        if let Some((addr, listener)) = admin_listener {
+            if let Some((_, old)) = self.admin.take() {
+                let _ = old.stop.send(true);
+            }
+            self.admin = self.start_admin(addr, listener);
+        }
+        if let Some(m) = &self.shared.metrics {
+            m.register_upstream_stats(upstream_stats(plan.groups));
+        }
+        for task in self.acme.drain(..) {
+            task.abort();
+        }
+        self.acme = plan.acme.iter().map(|m| m.spawn()).collect();
         Ok(())
+    }
+
+    fn start(&self, listener: TcpListener, lp: ListenerPlan) -> Live {
+        let (svc, handle) = Reloadable::new(lp.service);
+        let (stop, stopped) = watch::channel(false);
+        let t = lp.send_timeout;
+        let name = lp.listen.addr.to_string();
+        let task = match (lp.tls, lp.proxy_protocol) {
+            (None, None) => self.serve(
+                listener,
+                SendTimeoutAccept::new(Plain, t),
+                Scheme::Http,
+                lp.http,
+                svc,
+                stopped,
+                name,
+            ),
+            (Some(tls), None) => self.serve(
+                listener,
+                SendTimeoutAccept::new(tls, t),
+                Scheme::Https,
+                lp.http,
+                svc,
+                stopped,
+                name,
+            ),
+            (None, Some(pp)) => self.serve(
+                listener,
+                SendTimeoutAccept::new(ProxyProtocol::new(Plain, pp), t),
+                Scheme::Http,
+                lp.http,
+                svc,
+                stopped,
+                name,
+            ),
+            (Some(tls), Some(pp)) => self.serve(
+                listener,
+                SendTimeoutAccept::new(ProxyProtocol::new(tls, pp), t),
+                Scheme::Https,
+                lp.http,
+                svc,
+                stopped,
+                name,
+            ),
+        };
+        Live { handle, stop, task }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn serve<A: Accept>(
+        &self,
+        listener: TcpListener,
+        acceptor: A,
+        scheme: Scheme,
+        http: HttpConfig,
+        svc: Reloadable<LocationService>,
+        stopped: watch::Receiver<bool>,
+        name: String,
+    ) -> JoinHandle<std::io::Result<()>> {
+        let server = Server::new(listener)
+            .with_acceptor(acceptor, scheme)
+            .config(http);
+        if let Some(m) = &self.shared.metrics {
+            m.register_server(name, server.stats());
+        }
+        tokio::spawn(server.serve(svc, wait_stop(stopped)))
+    }
+
+    fn start_admin(&self, addr: SocketAddr, listener: TcpListener) -> Option<(SocketAddr, Live)> {
+        let metrics = self.shared.metrics.clone()?;
+        let admin = AdminService::new(metrics, self.readiness.clone());
+        let svc = LocationService::new(admin);
+        let (svc, handle) = Reloadable::new(svc);
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(Server::new(listener).serve(svc, wait_stop(stopped)));
+        tracing::info!(%addr, "admin listener (metrics, /healthz, /readyz)");
+        Some((addr, Live { handle, stop, task }))
     }
 
     fn reload(&mut self, origin: &Origin) {
@@ -130,41 +253,84 @@ impl Running {
             return;
         };
         tracing::info!(file = %path.display(), "reloading config");
-        let source = match Source::read(path) {
-            Ok(s) => s,
-            Err(errs) => return log_errors(&errs),
-        };
-        let plan = match config::load(&source) {
-            Ok(p) => p,
-            Err(errs) => return log_errors(&errs),
-        };
-        match self.apply(plan.listeners, plan.shutdown_timeout) {
-            Ok(()) => tracing::info!("config reloaded"),
-            Err(e) => {
-                tracing::error!(error = %e, "reload failed: the previous config keeps serving")
-            }
+        let result = Source::read(path)
+            .and_then(|source| config::load(&source, &mut self.shared))
+            .map_err(|errs| {
+                for e in &errs {
+                    tracing::error!("{e}");
+                }
+            })
+            .and_then(|plan| {
+                self.apply(plan)
+                    .map_err(|e| tracing::error!(error = %e, "reload failed"))
+            });
+        let ok = result.is_ok();
+        if ok {
+            tracing::info!("config reloaded");
+        } else {
+            tracing::error!("reload refused: the previous config keeps serving");
+        }
+        if let Some(m) = &self.shared.metrics {
+            m.record_reload(ok);
         }
     }
 
-    async fn stop_all(self) {
+    async fn reopen_logs(&self) {
+        for w in self.shared.log_writers() {
+            if let Err(e) = w.reopen().await {
+                tracing::error!(error = %e, "cannot reopen an access log");
+            }
+        }
+        tracing::info!("access logs reopened");
+    }
+
+    async fn stop_all(mut self) {
         for live in self.listeners.values() {
             let _ = live.stop.send(true);
         }
-        for (addr, live) in self.listeners {
+        for (addr, live) in self.listeners.drain() {
             match live.task.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(%addr, error = %e, "listener ended with an error"),
                 Err(e) => tracing::warn!(%addr, error = %e, "listener task failed"),
             }
         }
+        if let Some((_, admin)) = self.admin.take() {
+            let _ = admin.stop.send(true);
+            let _ = admin.task.await;
+        }
+        for w in self.shared.log_writers() {
+            let _ = w.flush().await;
+        }
     }
 }
 
-fn log_errors(errs: &[config::Diagnostic]) {
-    for e in errs {
-        tracing::error!("{e}");
-    }
-    tracing::error!("reload refused: the previous config keeps serving");
+fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    proxy_core::server::ListenConfig::new(addr)
+        .bind()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}")))
+}
+
+/// Per-server health and in-flight counts of every group, read at scrape time.
+fn upstream_stats(
+    groups: Vec<Arc<Group>>,
+) -> Box<dyn Fn() -> Vec<UpstreamServerStat> + Send + Sync> {
+    Box::new(move || {
+        groups
+            .iter()
+            .flat_map(|g| {
+                let name: Arc<str> = Arc::from(g.name());
+                g.stats()
+                    .map(|s| UpstreamServerStat {
+                        upstream: name.clone(),
+                        server: s.addr,
+                        healthy: s.state == ServerState::Up,
+                        in_flight: u64::from(s.in_flight),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    })
 }
 
 async fn wait_stop(mut rx: watch::Receiver<bool>) {
@@ -173,13 +339,16 @@ async fn wait_stop(mut rx: watch::Receiver<bool>) {
 
 enum Signal {
     Reload,
+    Reopen,
     Stop,
 }
 
-/// SIGHUP (reload), SIGTERM (systemd, Kubernetes) and SIGINT (Ctrl-C).
+/// SIGHUP (reload), SIGUSR1 (reopen logs), SIGTERM (systemd, Kubernetes) and SIGINT.
 struct Signals {
     #[cfg(unix)]
     hup: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    usr1: tokio::signal::unix::Signal,
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
 }
@@ -191,6 +360,7 @@ impl Signals {
             use tokio::signal::unix::{signal, SignalKind};
             Ok(Signals {
                 hup: signal(SignalKind::hangup())?,
+                usr1: signal(SignalKind::user_defined1())?,
                 term: signal(SignalKind::terminate())?,
             })
         }
@@ -203,6 +373,7 @@ impl Signals {
         {
             tokio::select! {
                 _ = self.hup.recv() => Signal::Reload,
+                _ = self.usr1.recv() => Signal::Reopen,
                 _ = self.term.recv() => Signal::Stop,
                 _ = tokio::signal::ctrl_c() => Signal::Stop,
             }

@@ -1,12 +1,19 @@
 //! One `[[server.location]]`: its terminal service (proxy, return, files) and the layers
-//! around it, outermost first:
+//! around it, outermost first, each present only when configured:
 //!
 //! ```text
-//! AddHeaders → ErrorPage → Access (allow/deny) → terminal
+//! Forwarded → Metrics → AccessLog → Hsts → AddHeaders → ErrorPage → Access (allow/deny)
+//!   → LimitConn → LimitReq → ConcurrencyLimit → ClientBodyTimeout → BodyLimit
+//!   → RequestBuffer → ResponseBuffer → UpstreamBodyTimeout → terminal
 //! ```
 //!
-//! Response headers sit outside error pages so an error page gets `add_header ... always`
-//! too; allow/deny sits inside so a denied request can get an error page.
+//! Why this order: the real client address is resolved first, so logs, metrics, allow/deny
+//! and rate limits all see it; logs and metrics wrap everything so they see every answer
+//! (429s and 413s included); response headers sit outside error pages so an error page
+//! gets `add_header ... always` too; limits come before the body is read, so a rejected
+//! request costs no upload; the body timeout wraps request buffering, which reads the
+//! body; response buffering reads ahead of the upstream body timeout, which watches the
+//! upstream.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,25 +26,52 @@ use proxy_core::error_page::{ErrorPageLayer, ErrorPages, Page};
 use proxy_core::headers::{AddHeadersLayer, ResponseHeaders};
 use proxy_core::router::{Location, LocationService, Locations, Pattern, Redirect, Return};
 use proxy_core::static_files::StaticFiles;
-use proxy_core::upstream::{ClientConfig, Forward, UpstreamClient, UpstreamTimeouts};
+use proxy_core::upstream::{ClientConfig, UpstreamClient, UpstreamTimeouts};
 use toml::Spanned;
 use tower::ServiceBuilder;
 
-use super::build::Group;
-use super::schema::{self, AccessRule, AddHeader, ErrorPageCfg, IndexCfg};
+use std::num::NonZeroU32;
+
+use proxy_core::access_log::{AccessLogLayer, AccessLogWriter};
+use proxy_core::balance::{
+    Balance, Condition, Group as BalanceGroup, NextUpstream, Server as Peer,
+};
+use proxy_core::buffer::{BodyLimitLayer, RequestBufferLayer, ResponseBufferLayer};
+use proxy_core::forwarded::{
+    ClientHeader, ForwardedLayer, HeaderPolicy, TrustedProxies, XffPolicy,
+};
+use proxy_core::limit::{Delay, LimitConnLayer, LimitReqLayer, ReqLimit};
+use proxy_core::metrics::MetricsLayer;
+use proxy_core::timeout::{
+    ClientBodyTimeoutLayer, ConcurrencyLimitLayer, UpstreamBodyTimeoutLayer,
+};
+use proxy_tls::hsts::HstsLayer;
+
+use super::build::{Group, Zones};
+use super::schema::{self, AccessRule, AddHeader, ErrorPageCfg, ForwardedCfg, IndexCfg};
+use super::shared::Shared;
 use super::{Diagnostic, Source};
 
 /// What a location needs from around it.
-pub(super) struct Ctx<'a> {
+pub(super) struct Ctx<'a, 's> {
     pub(super) src: &'a Source,
     pub(super) server: &'a schema::Server,
-    pub(super) read_timeout: Option<Duration>,
     pub(super) groups: &'a std::collections::HashMap<String, Group>,
+    pub(super) zones: &'a Zones,
+    pub(super) shared: &'s mut Shared,
+    pub(super) default_log: Option<AccessLogWriter>,
+}
+
+/// A setting of the location, or else of its server.
+macro_rules! inherit {
+    ($ctx:expr, $loc:expr, $field:ident) => {
+        $loc.$field.as_ref().or($ctx.server.$field.as_ref())
+    };
 }
 
 /// Build one location, or push why it cannot be built.
 pub(super) fn build(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_, '_>,
     key: &str,
     loc: &schema::Location,
     errs: &mut Vec<Diagnostic>,
@@ -57,6 +91,7 @@ pub(super) fn build(
         return None;
     }
     let before = errs.len();
+    let proxied = loc.proxy_pass.is_some();
     let terminal = terminal(ctx, key, &pattern, loc, errs);
     let headers = response_headers(
         src,
@@ -76,14 +111,73 @@ pub(super) fn build(
         loc.access.as_ref().unwrap_or(&ctx.server.access),
         errs,
     );
+    let forwarded = match inherit!(ctx, loc, forwarded) {
+        Some(f) => forwarded_layer(src, key, f, errs),
+        None => proxied.then(default_forwarded),
+    };
+    let limit_req = limit_req(ctx, key, loc, errs);
+    let limit_conn = limit_conn(ctx, key, loc, errs);
+    let log = access_log(ctx, key, loc, errs);
     if errs.len() > before {
         return None;
     }
     let terminal = terminal?;
+    let body_limit = inherit!(ctx, loc, client_max_body_size).map_or(1 << 20, |s| s.0);
+    let request_buffering = proxied
+        && inherit!(ctx, loc, proxy_request_buffering)
+            .copied()
+            .unwrap_or(true);
+    let response_buffering =
+        proxied && inherit!(ctx, loc, proxy_buffering).copied().unwrap_or(true);
+    let body_timeout =
+        inherit!(ctx, loc, client_body_timeout).map_or(Duration::from_secs(60), |d| d.0);
+    let read_timeout = read_timeout(ctx, loc);
+    let request_buffer = request_buffering.then(|| {
+        let max = if body_limit == 0 {
+            u64::MAX
+        } else {
+            body_limit
+        };
+        let mut l = RequestBufferLayer::new().max_body_size(max);
+        if let Some(s) = inherit!(ctx, loc, client_body_buffer_size) {
+            l = l.memory_limit(usize::try_from(s.0).unwrap_or(usize::MAX));
+        }
+        l
+    });
+    let response_buffer = response_buffering.then(|| {
+        let mut l = ResponseBufferLayer::new();
+        if let Some(s) = inherit!(ctx, loc, proxy_buffers) {
+            l = l.memory_limit(usize::try_from(s.0).unwrap_or(usize::MAX));
+        }
+        if let Some(s) = inherit!(ctx, loc, proxy_max_temp_file_size) {
+            l = l.max_temp_file_size(s.0);
+        }
+        l
+    });
+    let hsts = ctx.server.hsts.as_ref().map(|h| {
+        HstsLayer::new(h.max_age.0)
+            .include_subdomains(h.include_subdomains)
+            .preload(h.preload)
+    });
+    let metrics = ctx.shared.metrics.clone().map(MetricsLayer::new);
+    let concurrency =
+        inherit!(ctx, loc, max_concurrent_requests).map(|n| ConcurrencyLimitLayer::new(*n));
     let svc = ServiceBuilder::new()
+        .option_layer(forwarded)
+        .option_layer(metrics)
+        .option_layer(log.map(AccessLogLayer::new))
+        .option_layer(hsts)
         .option_layer(headers.map(AddHeadersLayer::new))
         .option_layer(pages.map(ErrorPageLayer::new))
         .option_layer(access.map(AccessLayer::new))
+        .option_layer(limit_conn)
+        .option_layer(limit_req)
+        .option_layer(concurrency)
+        .option_layer(proxied.then(|| ClientBodyTimeoutLayer::new(body_timeout)))
+        .option_layer((proxied && body_limit > 0).then(|| BodyLimitLayer::new(body_limit)))
+        .option_layer(request_buffer)
+        .option_layer(response_buffer)
+        .option_layer(proxied.then(|| UpstreamBodyTimeoutLayer::new(read_timeout)))
         .service(terminal);
     let location = Location::new(pattern, svc);
     Some(
@@ -95,7 +189,7 @@ pub(super) fn build(
 
 /// The service at the bottom of the stack: exactly one of proxy_pass, return, root, alias.
 fn terminal(
-    ctx: &Ctx<'_>,
+    ctx: &Ctx<'_, '_>,
     key: &str,
     pattern: &Pattern,
     loc: &schema::Location,
@@ -125,17 +219,16 @@ fn terminal(
         }
     }
     if let Some(pass) = &loc.proxy_pass {
-        let read = loc
-            .proxy_read_timeout
-            .map(|d| d.0)
-            .or(ctx.read_timeout)
-            .unwrap_or(Duration::from_secs(60));
-        let forward = proxy_pass(ctx, &format!("{key}.proxy_pass"), pass, loc, errs)?;
-        let forward = forward.with_timeouts(UpstreamTimeouts {
+        let read = read_timeout(ctx, loc);
+        let timeouts = UpstreamTimeouts {
             read_timeout: read,
             idle_timeout: read,
-        });
-        return Some(LocationService::new(forward));
+        };
+        let next = next_upstream(ctx, key, loc, errs)?;
+        let balance = proxy_pass(ctx, &format!("{key}.proxy_pass"), pass, loc, errs)?;
+        return Some(LocationService::new(
+            balance.with_timeouts(timeouts).with_next_upstream(next),
+        ));
     }
     if let Some(r) = &loc.return_ {
         return return_service(src, &format!("{key}.return"), r, errs);
@@ -176,9 +269,7 @@ fn static_files(
         }
         (None, None) => return None,
     };
-    let mut b = builder
-        .access_log(loc.access_log.unwrap_or(true))
-        .danger_allow_symlinks_outside_root(loc.allow_symlinks_outside_root);
+    let mut b = builder.danger_allow_symlinks_outside_root(loc.allow_symlinks_outside_root);
     if let Some(index) = &loc.index {
         b = match index.get_ref() {
             IndexCfg::Name(n) => b.index(Some(n)),
@@ -239,49 +330,326 @@ pub(super) fn resolve(src: &Source, path: &str) -> PathBuf {
     }
 }
 
+fn read_timeout(ctx: &Ctx<'_, '_>, loc: &schema::Location) -> Duration {
+    inherit!(ctx, loc, proxy_read_timeout).map_or(Duration::from_secs(60), |d| d.0)
+}
+
+/// `proxy_pass NAME` (an upstream group) or `proxy_pass http://IP:PORT` (a group of one).
 fn proxy_pass(
-    ctx: &Ctx<'_>,
+    ctx: &Ctx<'_, '_>,
     key: &str,
     pass: &Spanned<String>,
     loc: &schema::Location,
     errs: &mut Vec<Diagnostic>,
-) -> Option<Forward> {
+) -> Option<Balance> {
     let src = ctx.src;
     let target = pass.get_ref();
-    let mut cc = ClientConfig::default();
-    if let Some(up) = &loc.proxy_upgrade {
+    let custom_upgrades = loc.proxy_upgrade.as_ref().map(|up| {
+        let mut cc = ClientConfig::default();
         cc.upgrades = up.clone();
-    }
+        UpstreamClient::new(cc)
+    });
     if let Some(rest) = target.strip_prefix("http://") {
         let addr = rest.trim_end_matches('/');
-        return match addr.parse::<std::net::SocketAddr>() {
-            Ok(a) => Some(Forward::new(UpstreamClient::new(cc), a)),
-            Err(_) => {
-                errs.push(src.diag(
-                    Some(pass.span()),
-                    key.to_owned(),
-                    format!("{target:?}: expected http://IP:PORT or an upstream name"),
-                ));
-                None
+        let Ok(a) = addr.parse::<std::net::SocketAddr>() else {
+            errs.push(src.diag(
+                Some(pass.span()),
+                key.to_owned(),
+                format!("{target:?}: expected http://IP:PORT or an upstream name"),
+            ));
+            return None;
+        };
+        let group = match BalanceGroup::builder(target.as_str())
+            .server(Peer::new(a))
+            .build()
+        {
+            Ok(g) => g,
+            Err(e) => {
+                errs.push(src.diag(Some(pass.span()), key.to_owned(), e.to_string()));
+                return None;
             }
         };
+        let client =
+            custom_upgrades.unwrap_or_else(|| UpstreamClient::new(ClientConfig::default()));
+        return Some(Balance::new(group, client));
     }
     match ctx.groups.get(target) {
-        Some(g) => {
-            let addr = *g.addrs.first()?;
-            let client = if loc.proxy_upgrade.is_some() {
-                UpstreamClient::new(cc)
-            } else {
-                g.client.clone()
-            };
-            Some(Forward::new(client, addr))
-        }
+        Some(g) => Some(Balance::new(
+            g.group.clone(),
+            custom_upgrades.unwrap_or_else(|| g.client.clone()),
+        )),
         None => {
             errs.push(src.diag(
                 Some(pass.span()),
                 key.to_owned(),
                 format!("unknown upstream {target:?} (define it as [upstream.{target}])"),
             ));
+            None
+        }
+    }
+}
+
+fn next_upstream(
+    ctx: &Ctx<'_, '_>,
+    key: &str,
+    loc: &schema::Location,
+    errs: &mut Vec<Diagnostic>,
+) -> Option<NextUpstream> {
+    let mut next = match inherit!(ctx, loc, next_upstream) {
+        None => NextUpstream::default(),
+        Some(list) => {
+            let mut n = NextUpstream::off();
+            for c in list {
+                if c.get_ref() == "off" {
+                    continue;
+                }
+                match c.get_ref().parse::<Condition>() {
+                    Ok(cond) => n = n.on(cond),
+                    Err(_) => {
+                        errs.push(ctx.src.diag(Some(c.span()), format!("{key}.next_upstream"), format!("unknown condition {:?}: use error, timeout, invalid_header, http_500, http_502, http_503, http_504, http_403, http_404, http_429, non_idempotent", c.get_ref())));
+                        return None;
+                    }
+                }
+            }
+            n
+        }
+    };
+    if let Some(t) = inherit!(ctx, loc, next_upstream_tries) {
+        next = next.tries(*t);
+    }
+    if let Some(t) = inherit!(ctx, loc, next_upstream_timeout) {
+        next = next.timeout(t.0);
+    }
+    Some(next)
+}
+
+fn forwarded_layer(
+    src: &Source,
+    key: &str,
+    f: &Spanned<ForwardedCfg>,
+    errs: &mut Vec<Diagnostic>,
+) -> Option<ForwardedLayer> {
+    let cfg = f.get_ref();
+    let k = format!("{key}.forwarded");
+    let mut bad = |what: &str, v: &str| {
+        errs.push(src.diag(
+            Some(f.span()),
+            k.clone(),
+            format!("{what}: unknown value {v:?}"),
+        ));
+    };
+    let trusted = match cfg.trusted.join(",").parse::<TrustedProxies>() {
+        Ok(t) => t,
+        Err(e) => {
+            bad("trusted", &e.to_string());
+            return None;
+        }
+    };
+    let mut l = ForwardedLayer::new().trusted(trusted);
+    if let Some(h) = &cfg.client_header {
+        l = match h.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => l.client_header(ClientHeader::XForwardedFor),
+            "x-real-ip" => l.client_header(ClientHeader::XRealIp),
+            "forwarded" => l.client_header(ClientHeader::Forwarded),
+            other => {
+                bad("client_header", other);
+                return None;
+            }
+        };
+    }
+    if let Some(r) = cfg.recursive {
+        l = l.recursive(r);
+    }
+    if let Some(x) = &cfg.x_forwarded_for {
+        l = l.x_forwarded_for(match x.as_str() {
+            "append" => XffPolicy::Append,
+            "replace-untrusted" => XffPolicy::ReplaceUntrusted,
+            "resolved-client" => XffPolicy::ResolvedClient,
+            "pass" => XffPolicy::Pass,
+            "remove" => XffPolicy::Remove,
+            other => {
+                bad("x_forwarded_for", other);
+                return None;
+            }
+        });
+    }
+    let policy = |v: &Option<String>| -> Result<Option<HeaderPolicy>, String> {
+        match v.as_deref() {
+            None => Ok(None),
+            Some("set") => Ok(Some(HeaderPolicy::Set)),
+            Some("pass") => Ok(Some(HeaderPolicy::Pass)),
+            Some("remove") => Ok(Some(HeaderPolicy::Remove)),
+            Some(other) => Err(other.to_owned()),
+        }
+    };
+    let fields = [
+        ("x_real_ip", &cfg.x_real_ip),
+        ("x_forwarded_proto", &cfg.x_forwarded_proto),
+        ("x_forwarded_host", &cfg.x_forwarded_host),
+        ("x_forwarded_port", &cfg.x_forwarded_port),
+        ("forwarded", &cfg.forwarded),
+    ];
+    for (name, value) in fields {
+        match policy(value) {
+            Ok(None) => {}
+            Ok(Some(p)) => {
+                l = match name {
+                    "x_real_ip" => l.x_real_ip(p),
+                    "x_forwarded_proto" => l.x_forwarded_proto(p),
+                    "x_forwarded_host" => l.x_forwarded_host(p),
+                    "x_forwarded_port" => l.x_forwarded_port(p),
+                    _ => l.forwarded(p),
+                }
+            }
+            Err(v) => {
+                bad(name, &v);
+                return None;
+            }
+        }
+    }
+    Some(l)
+}
+
+/// The forwarded-headers layer every proxying location gets when it sets none: nobody
+/// trusted, the seeds' `proxy_set_header` lines as defaults.
+pub(super) fn default_forwarded() -> ForwardedLayer {
+    ForwardedLayer::new()
+}
+
+fn status_of(
+    src: &Source,
+    key: &str,
+    code: Option<u16>,
+    default: StatusCode,
+    errs: &mut Vec<Diagnostic>,
+) -> StatusCode {
+    match code {
+        None => default,
+        Some(c) => match StatusCode::from_u16(c) {
+            Ok(s) if (400..600).contains(&c) => s,
+            _ => {
+                errs.push(src.diag(
+                    None,
+                    key.to_owned(),
+                    format!("{c} is not a 4xx or 5xx status"),
+                ));
+                default
+            }
+        },
+    }
+}
+
+fn limit_req(
+    ctx: &Ctx<'_, '_>,
+    key: &str,
+    loc: &schema::Location,
+    errs: &mut Vec<Diagnostic>,
+) -> Option<LimitReqLayer> {
+    let list = inherit!(ctx, loc, limit_req)?;
+    let mut layer: Option<LimitReqLayer> = None;
+    for l in list {
+        let cfg = l.get_ref();
+        let k = format!("{key}.limit_req");
+        let Some(zone) = ctx.zones.req.get(&cfg.zone) else {
+            errs.push(ctx.src.diag(
+                Some(l.span()),
+                k,
+                format!(
+                    "unknown zone {:?} (define it as [limit_req_zone.{}])",
+                    cfg.zone, cfg.zone
+                ),
+            ));
+            continue;
+        };
+        let mut limit = ReqLimit::new(zone.clone()).burst(cfg.burst);
+        limit = match (cfg.nodelay, cfg.delay) {
+            (true, Some(_)) => {
+                errs.push(
+                    ctx.src
+                        .diag(Some(l.span()), k, "nodelay and delay exclude each other"),
+                );
+                continue;
+            }
+            (true, None) => limit.nodelay(),
+            (false, Some(n)) => limit.delay(Delay::After(n)),
+            (false, None) => limit,
+        };
+        layer = Some(match layer {
+            None => LimitReqLayer::new(limit),
+            Some(prev) => prev.and(limit),
+        });
+    }
+    let status = status_of(
+        ctx.src,
+        &format!("{key}.limit_req_status"),
+        inherit!(ctx, loc, limit_req_status).copied(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        errs,
+    );
+    let dry = inherit!(ctx, loc, limit_req_dry_run)
+        .copied()
+        .unwrap_or(false);
+    layer.map(|l| l.status(status).dry_run(dry))
+}
+
+fn limit_conn(
+    ctx: &Ctx<'_, '_>,
+    key: &str,
+    loc: &schema::Location,
+    errs: &mut Vec<Diagnostic>,
+) -> Option<LimitConnLayer> {
+    let list = inherit!(ctx, loc, limit_conn)?;
+    let mut layer: Option<LimitConnLayer> = None;
+    for l in list {
+        let cfg = l.get_ref();
+        let k = format!("{key}.limit_conn");
+        let Some(zone) = ctx.zones.conn.get(&cfg.zone) else {
+            errs.push(ctx.src.diag(
+                Some(l.span()),
+                k,
+                format!(
+                    "unknown zone {:?} (define it as [limit_conn_zone.{}])",
+                    cfg.zone, cfg.zone
+                ),
+            ));
+            continue;
+        };
+        let Some(max) = NonZeroU32::new(cfg.max) else {
+            errs.push(ctx.src.diag(Some(l.span()), k, "max must be at least 1"));
+            continue;
+        };
+        layer = Some(match layer {
+            None => LimitConnLayer::new(zone.clone(), max),
+            Some(prev) => prev.and(zone.clone(), max),
+        });
+    }
+    let status = status_of(
+        ctx.src,
+        &format!("{key}.limit_conn_status"),
+        inherit!(ctx, loc, limit_conn_status).copied(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        errs,
+    );
+    layer.map(|l| l.status(status))
+}
+
+fn access_log(
+    ctx: &mut Ctx<'_, '_>,
+    key: &str,
+    loc: &schema::Location,
+    errs: &mut Vec<Diagnostic>,
+) -> Option<AccessLogWriter> {
+    let cfg = loc.access_log.as_ref().or(ctx.server.access_log.as_ref());
+    let Some(cfg) = cfg else {
+        return ctx.default_log.clone();
+    };
+    match ctx.shared.access_log(cfg.get_ref(), &ctx.src.base_dir()) {
+        Ok(w) => w,
+        Err(e) => {
+            errs.push(
+                ctx.src
+                    .diag(Some(cfg.span()), format!("{key}.access_log"), e),
+            );
             None
         }
     }
@@ -391,7 +759,7 @@ fn response_headers(
 }
 
 fn error_pages(
-    ctx: &Ctx<'_>,
+    ctx: &Ctx<'_, '_>,
     key: &str,
     list: &[Spanned<ErrorPageCfg>],
     errs: &mut Vec<Diagnostic>,
@@ -454,7 +822,7 @@ fn error_pages(
 
 /// The file a `root`/`alias` location of the server serves for `uri`, as nginx resolves
 /// `error_page 502 /maintenance.html` through `location = /maintenance.html { root ...; }`.
-fn file_for_uri(ctx: &Ctx<'_>, uri: &str) -> Option<PathBuf> {
+fn file_for_uri(ctx: &Ctx<'_, '_>, uri: &str) -> Option<PathBuf> {
     let patterns: Vec<Pattern> = ctx
         .server
         .location

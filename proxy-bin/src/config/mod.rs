@@ -5,6 +5,8 @@
 mod build;
 mod location;
 mod schema;
+mod shared;
+mod tls;
 pub mod values;
 
 use std::fmt;
@@ -13,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 pub use build::{build, ListenerPlan, Plan};
 pub use schema::Config;
+pub use shared::Shared;
 
 /// The configuration used when no file is given: listen on 127.0.0.1:8080 and forward
 /// everything to uvicorn's default address, 127.0.0.1:8000.
@@ -140,15 +143,24 @@ fn key_at(text: &str, span: Option<Range<usize>>) -> String {
     }
 }
 
-/// Read, parse and check a config; the result is ready to run.
-pub fn load(source: &Source) -> Result<Plan, Vec<Diagnostic>> {
+/// Read, parse and check a config; the result is ready to run. Must run inside a tokio
+/// runtime. `shared` carries what survives a reload (zones, log files, metrics).
+pub fn load(source: &Source, shared: &mut Shared) -> Result<Plan, Vec<Diagnostic>> {
     let config = source.parse()?;
-    build(source, &config)
+    build(source, &config, shared)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load(source: &Source) -> Result<Plan, Vec<Diagnostic>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { super::load(source, &mut Shared::default()) })
+    }
 
     fn src(text: &str) -> Source {
         Source {

@@ -18,9 +18,86 @@ pub struct Config {
     /// Upstream groups by name (`[upstream.NAME]`), like nginx's `upstream NAME { }`.
     #[serde(default)]
     pub upstream: BTreeMap<String, Spanned<Upstream>>,
+    /// Request-rate zones (`[limit_req_zone.NAME]`), like nginx's `limit_req_zone`.
+    #[serde(default)]
+    pub limit_req_zone: BTreeMap<String, Spanned<ReqZoneCfg>>,
+    /// Concurrency zones (`[limit_conn_zone.NAME]`), like nginx's `limit_conn_zone`.
+    #[serde(default)]
+    pub limit_conn_zone: BTreeMap<String, Spanned<ConnZoneCfg>>,
+    /// The admin listener: metrics, health and readiness.
+    pub admin: Option<Admin>,
+    /// The default access log of every server and location.
+    pub access_log: Option<Spanned<AccessLogCfg>>,
+    /// Automatic certificates (ACME, HTTP-01).
+    pub acme: Option<Spanned<AcmeCfg>>,
     /// Virtual servers (`[[server]]`), like nginx's `server { }`.
     #[serde(default)]
     pub server: Vec<Server>,
+}
+
+/// `[limit_req_zone.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReqZoneCfg {
+    /// `"5r/m"`, `"100r/s"`.
+    pub rate: Spanned<String>,
+    /// `"client_ip"` (default; nginx's `$binary_remote_addr`), `"header:NAME"` or `"shared"`.
+    pub key: Option<Spanned<String>>,
+    /// Memory for the zone's keys (nginx's `zone=NAME:10m`; default 10m). The least
+    /// recently used idle keys are evicted when it is full.
+    pub size: Option<Size>,
+}
+
+/// `[limit_conn_zone.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnZoneCfg {
+    /// As for `limit_req_zone`.
+    pub key: Option<Spanned<String>>,
+    /// As for `limit_req_zone`.
+    pub size: Option<Size>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (keep it on loopback).
+    pub listen: Spanned<String>,
+}
+
+/// `access_log = { path, format, buffer, flush }` or `access_log = "off"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum AccessLogCfg {
+    /// `"off"`, `"stdout"` or a file path, with the default format.
+    Path(String),
+    /// The full form.
+    Full {
+        /// `"stdout"`, a file path or `"off"`.
+        path: String,
+        /// `"combined"`, `"combined_timed"` (default) or `"json"`.
+        format: Option<String>,
+        /// Bytes gathered before a write (nginx's `buffer=32k`).
+        buffer: Option<Size>,
+        /// Longest time a line waits in the buffer (nginx's `flush=5s`).
+        flush: Option<Dur>,
+    },
+}
+
+/// `[acme]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeCfg {
+    /// The ACME directory URL.
+    pub directory: String,
+    /// Contact URLs (`mailto:...`).
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// Where certificates, keys and the account are kept (0600 files).
+    pub storage: String,
+    /// A PEM file with the ACME server's root (a private CA such as Pebble or step-ca).
+    pub ca_root: Option<String>,
 }
 
 /// `[global]`.
@@ -37,6 +114,10 @@ pub struct Global {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
+    /// `"round_robin"` (default, smooth weighted) or `"least_conn"`.
+    pub policy: Option<Spanned<String>>,
+    /// Active health checks.
+    pub health_check: Option<HealthCheckCfg>,
     /// The servers of the group.
     pub servers: Vec<Spanned<UpstreamServer>>,
     /// Idle keep-alive connections kept per server (nginx's `keepalive`, default 32).
@@ -51,8 +132,37 @@ pub struct Upstream {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamServer {
-    /// `host:port` (an IP address for now).
+    /// `IP:PORT`.
     pub addr: Spanned<String>,
+    /// nginx's `weight=` (default 1).
+    pub weight: Option<u32>,
+    /// nginx's `max_fails=` (default 1; 0 disables).
+    pub max_fails: Option<u32>,
+    /// nginx's `fail_timeout=` (default 10s).
+    pub fail_timeout: Option<Dur>,
+    /// nginx's `max_conns=`.
+    pub max_conns: Option<u32>,
+    /// nginx's `backup`.
+    #[serde(default)]
+    pub backup: bool,
+}
+
+/// `[upstream.NAME.health_check]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckCfg {
+    /// Between checks (default 5s).
+    pub interval: Option<Dur>,
+    /// The path requested (default `/`).
+    pub path: Option<String>,
+    /// Inclusive status range that passes (default `[200, 399]`).
+    pub status: Option<[u16; 2]>,
+    /// Failed checks before a server is marked down (default 1).
+    pub fails: Option<u32>,
+    /// Passed checks before it is up again (default 1).
+    pub passes: Option<u32>,
+    /// Per check (default 5s).
+    pub timeout: Option<Dur>,
 }
 
 /// `[[server]]`.
@@ -82,8 +192,64 @@ pub struct Server {
     /// SO_REUSEPORT on the listeners.
     #[serde(default)]
     pub reuse_port: bool,
+    /// TLS on this server's listeners.
+    pub tls: Option<Spanned<TlsCfg>>,
+    /// Expect a PROXY protocol (v1 or v2) header from these sources (CIDRs) on every
+    /// connection of this server's listeners.
+    pub proxy_protocol: Option<Spanned<Vec<String>>>,
+    /// nginx's `send_timeout` (default 60s): a client that reads nothing for this long
+    /// is disconnected.
+    pub send_timeout: Option<Dur>,
+    /// Answer every request with a 301 to https (except ACME challenges).
+    #[serde(default)]
+    pub redirect_to_https: bool,
+    /// The port in those redirects (default 443, left out of the URL).
+    pub https_port: Option<u16>,
+    /// A certbot `--webroot` directory served at `/.well-known/acme-challenge/`.
+    pub acme_webroot: Option<Spanned<String>>,
+    /// `Strict-Transport-Security` on TLS responses.
+    pub hsts: Option<HstsCfg>,
     /// Default `proxy_read_timeout` for this server's locations (default 60s).
     pub proxy_read_timeout: Option<Dur>,
+    /// nginx's `client_max_body_size` (default 1m; 0 = unlimited).
+    pub client_max_body_size: Option<Size>,
+    /// nginx's `client_body_timeout` between two reads (default 60s).
+    pub client_body_timeout: Option<Dur>,
+    /// nginx's `proxy_request_buffering` (default on).
+    pub proxy_request_buffering: Option<bool>,
+    /// nginx's `client_body_buffer_size`: request bodies past it spill to a temp file
+    /// (default 16k).
+    pub client_body_buffer_size: Option<Size>,
+    /// nginx's `proxy_buffering` (default on).
+    pub proxy_buffering: Option<bool>,
+    /// Memory for reading a response ahead (nginx's `proxy_buffers`, default 64k).
+    pub proxy_buffers: Option<Size>,
+    /// nginx's `proxy_max_temp_file_size` (default 1024m; 0 = memory only).
+    pub proxy_max_temp_file_size: Option<Size>,
+    /// Requests handled at once; more are answered 503 (default: no limit).
+    pub max_concurrent_requests: Option<usize>,
+    /// nginx's `proxy_next_upstream` (`["error", "timeout", "http_502", "non_idempotent"]`,
+    /// `[]` = off; default `["error", "timeout"]`).
+    pub next_upstream: Option<Vec<Spanned<String>>>,
+    /// nginx's `proxy_next_upstream_tries` (0 = every server).
+    pub next_upstream_tries: Option<u32>,
+    /// nginx's `proxy_next_upstream_timeout` (0 = unlimited).
+    pub next_upstream_timeout: Option<Dur>,
+    /// Forwarded headers and the real client address.
+    pub forwarded: Option<Spanned<ForwardedCfg>>,
+    /// nginx's `limit_req` lines.
+    pub limit_req: Option<Vec<Spanned<LimitReqCfg>>>,
+    /// nginx's `limit_req_status` (default 503).
+    pub limit_req_status: Option<u16>,
+    /// nginx's `limit_req_dry_run`.
+    pub limit_req_dry_run: Option<bool>,
+    /// nginx's `limit_conn` lines.
+    pub limit_conn: Option<Vec<Spanned<LimitConnCfg>>>,
+    /// nginx's `limit_conn_status` (default 503).
+    pub limit_conn_status: Option<u16>,
+    /// The access log (overrides `[access_log]`); `"off"` disables it.
+    pub access_log: Option<Spanned<AccessLogCfg>>,
+
     /// nginx's `add_header`, for every location that sets none of its own.
     #[serde(default)]
     pub add_header: Vec<Spanned<AddHeader>>,
@@ -136,14 +302,136 @@ pub struct Location {
     /// Follow symbolic links that leave the directory (refused with 403 by default).
     #[serde(default)]
     pub allow_symlinks_outside_root: bool,
-    /// nginx's `access_log off` when false.
-    pub access_log: Option<bool>,
+    /// nginx's `client_max_body_size` (default 1m; 0 = unlimited).
+    pub client_max_body_size: Option<Size>,
+    /// nginx's `client_body_timeout` between two reads (default 60s).
+    pub client_body_timeout: Option<Dur>,
+    /// nginx's `proxy_request_buffering` (default on).
+    pub proxy_request_buffering: Option<bool>,
+    /// nginx's `client_body_buffer_size`: request bodies past it spill to a temp file
+    /// (default 16k).
+    pub client_body_buffer_size: Option<Size>,
+    /// nginx's `proxy_buffering` (default on).
+    pub proxy_buffering: Option<bool>,
+    /// Memory for reading a response ahead (nginx's `proxy_buffers`, default 64k).
+    pub proxy_buffers: Option<Size>,
+    /// nginx's `proxy_max_temp_file_size` (default 1024m; 0 = memory only).
+    pub proxy_max_temp_file_size: Option<Size>,
+    /// Requests handled at once; more are answered 503 (default: no limit).
+    pub max_concurrent_requests: Option<usize>,
+    /// nginx's `proxy_next_upstream` (`["error", "timeout", "http_502", "non_idempotent"]`,
+    /// `[]` = off; default `["error", "timeout"]`).
+    pub next_upstream: Option<Vec<Spanned<String>>>,
+    /// nginx's `proxy_next_upstream_tries` (0 = every server).
+    pub next_upstream_tries: Option<u32>,
+    /// nginx's `proxy_next_upstream_timeout` (0 = unlimited).
+    pub next_upstream_timeout: Option<Dur>,
+    /// Forwarded headers and the real client address.
+    pub forwarded: Option<Spanned<ForwardedCfg>>,
+    /// nginx's `limit_req` lines.
+    pub limit_req: Option<Vec<Spanned<LimitReqCfg>>>,
+    /// nginx's `limit_req_status` (default 503).
+    pub limit_req_status: Option<u16>,
+    /// nginx's `limit_req_dry_run`.
+    pub limit_req_dry_run: Option<bool>,
+    /// nginx's `limit_conn` lines.
+    pub limit_conn: Option<Vec<Spanned<LimitConnCfg>>>,
+    /// nginx's `limit_conn_status` (default 503).
+    pub limit_conn_status: Option<u16>,
+    /// The access log (overrides `[access_log]`); `"off"` disables it.
+    pub access_log: Option<Spanned<AccessLogCfg>>,
     /// nginx's `add_header`; replaces the server's list when set.
     pub add_header: Option<Vec<Spanned<AddHeader>>>,
     /// nginx's `error_page`; replaces the server's list when set.
     pub error_page: Option<Vec<Spanned<ErrorPageCfg>>>,
     /// nginx's `allow`/`deny`; replaces the server's list when set.
     pub access: Option<Vec<Spanned<AccessRule>>>,
+}
+
+/// `tls = { certificate, key }`, `tls = { self_signed = true }` or `tls = { acme = true }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCfg {
+    /// PEM certificate chain.
+    pub certificate: Option<String>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<String>,
+    /// A self-signed certificate for the server names (or localhost), for development.
+    #[serde(default)]
+    pub self_signed: bool,
+    /// Obtain and renew the certificate with ACME (see `[acme]`).
+    #[serde(default)]
+    pub acme: bool,
+    /// Offer HTTP/2 through ALPN (default true).
+    pub http2: Option<bool>,
+    /// TLS handshake timeout (default 10s).
+    pub handshake_timeout: Option<Dur>,
+}
+
+/// `hsts = { max_age = "365d", include_subdomains = true, preload = false }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HstsCfg {
+    /// `max-age`.
+    pub max_age: Dur,
+    /// `includeSubDomains`.
+    #[serde(default)]
+    pub include_subdomains: bool,
+    /// `preload`.
+    #[serde(default)]
+    pub preload: bool,
+}
+
+/// `forwarded = { trusted = [...], ... }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardedCfg {
+    /// nginx's `set_real_ip_from` / uvicorn's `--forwarded-allow-ips`: CIDRs, or `"*"`.
+    #[serde(default)]
+    pub trusted: Vec<String>,
+    /// nginx's `real_ip_header`: `"x-forwarded-for"` (default), `"x-real-ip"`, `"forwarded"`.
+    pub client_header: Option<String>,
+    /// nginx's `real_ip_recursive` (default true).
+    pub recursive: Option<bool>,
+    /// `"append"` (default, `$proxy_add_x_forwarded_for`), `"replace-untrusted"`,
+    /// `"resolved-client"`, `"pass"`, `"remove"`.
+    pub x_forwarded_for: Option<String>,
+    /// `"set"` (default), `"pass"` or `"remove"`.
+    pub x_real_ip: Option<String>,
+    /// As `x_real_ip`.
+    pub x_forwarded_proto: Option<String>,
+    /// As `x_real_ip`.
+    pub x_forwarded_host: Option<String>,
+    /// As `x_real_ip`.
+    pub x_forwarded_port: Option<String>,
+    /// RFC 7239 `Forwarded`: `"pass"` (default), `"set"` or `"remove"`.
+    pub forwarded: Option<String>,
+}
+
+/// One `limit_req zone=NAME [burst=N] [nodelay | delay=N]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitReqCfg {
+    /// The zone.
+    pub zone: String,
+    /// Excess requests allowed (default 0).
+    #[serde(default)]
+    pub burst: u32,
+    /// Serve the burst at once instead of spacing it out.
+    #[serde(default)]
+    pub nodelay: bool,
+    /// Serve this many excess requests at once, delay the rest.
+    pub delay: Option<u32>,
+}
+
+/// One `limit_conn NAME N`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConnCfg {
+    /// The zone.
+    pub zone: String,
+    /// Concurrent requests per key.
+    pub max: u32,
 }
 
 /// `index = "index.html"` or `index = false`.

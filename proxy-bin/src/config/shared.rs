@@ -1,0 +1,179 @@
+//! What outlives one config: rate-limit zones (their counters survive a reload when the
+//! zone is unchanged), access log writers (one per file), and the metrics registry.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+
+use http::HeaderName;
+use proxy_core::access_log::{AccessLogWriter, Format, Target};
+use proxy_core::limit::{ConnZone, Key, Rate, ReqZone};
+use proxy_core::metrics::Metrics;
+
+use super::schema::{self, AccessLogCfg};
+use super::values::Size;
+
+/// State kept across reloads.
+#[derive(Default)]
+pub struct Shared {
+    req_zones: HashMap<String, (String, ReqZone)>,
+    conn_zones: HashMap<String, (String, ConnZone)>,
+    logs: HashMap<String, AccessLogWriter>,
+    /// The metrics registry, when an admin listener is configured.
+    pub metrics: Option<Metrics>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("req_zones", &self.req_zones.keys())
+            .field("conn_zones", &self.conn_zones.keys())
+            .field("logs", &self.logs.keys())
+            .finish()
+    }
+}
+
+/// nginx's zone sizes count 64 bytes per key; ours are honoured as memory by the zone.
+const DEFAULT_ZONE: u64 = 10 << 20;
+
+/// Parse a zone key: `client_ip` (or nginx's `$binary_remote_addr`/`$remote_addr`),
+/// `header:NAME` (or `$http_name`), `shared` (or `$server_name`).
+pub fn parse_key(s: &str) -> Result<Key, String> {
+    match s {
+        "client_ip" | "$binary_remote_addr" | "$remote_addr" => Ok(Key::ClientIp),
+        "shared" | "$server_name" => Ok(Key::Shared),
+        _ => {
+            let name = s
+                .strip_prefix("header:")
+                .map(str::to_owned)
+                .or_else(|| s.strip_prefix("$http_").map(|h| h.replace('_', "-")))
+                .ok_or_else(|| {
+                    format!("unknown key {s:?}: use \"client_ip\", \"header:NAME\" or \"shared\"")
+                })?;
+            HeaderName::from_bytes(name.as_bytes())
+                .map(Key::Header)
+                .map_err(|_| format!("{name:?} is not a header name"))
+        }
+    }
+}
+
+fn zone_bytes(size: Option<Size>) -> usize {
+    usize::try_from(size.map_or(DEFAULT_ZONE, |s| s.0)).unwrap_or(usize::MAX)
+}
+
+impl Shared {
+    /// The request zone `name`, reused when its settings did not change.
+    pub fn req_zone(&mut self, name: &str, cfg: &schema::ReqZoneCfg) -> Result<ReqZone, String> {
+        let rate: Rate = cfg
+            .rate
+            .get_ref()
+            .parse()
+            .map_err(|e| format!("invalid rate {:?}: {e}", cfg.rate.get_ref()))?;
+        let key_text = cfg
+            .key
+            .as_ref()
+            .map_or("client_ip", |k| k.get_ref().as_str());
+        let key = parse_key(key_text)?;
+        let fingerprint = format!(
+            "{}|{key_text}|{:?}",
+            cfg.rate.get_ref(),
+            cfg.size.map(|s| s.0)
+        );
+        if let Some((fp, zone)) = self.req_zones.get(name) {
+            if *fp == fingerprint {
+                return Ok(zone.clone());
+            }
+        }
+        let zone = ReqZone::builder(rate)
+            .name(name)
+            .key(key)
+            .size_bytes(zone_bytes(cfg.size))
+            .build();
+        self.req_zones
+            .insert(name.to_owned(), (fingerprint, zone.clone()));
+        Ok(zone)
+    }
+
+    /// The connection zone `name`, reused when its settings did not change.
+    pub fn conn_zone(&mut self, name: &str, cfg: &schema::ConnZoneCfg) -> Result<ConnZone, String> {
+        let key_text = cfg
+            .key
+            .as_ref()
+            .map_or("client_ip", |k| k.get_ref().as_str());
+        let key = parse_key(key_text)?;
+        let fingerprint = format!("{key_text}|{:?}", cfg.size.map(|s| s.0));
+        if let Some((fp, zone)) = self.conn_zones.get(name) {
+            if *fp == fingerprint {
+                return Ok(zone.clone());
+            }
+        }
+        let zone = ConnZone::builder()
+            .name(name)
+            .key(key)
+            .size_bytes(zone_bytes(cfg.size))
+            .build();
+        self.conn_zones
+            .insert(name.to_owned(), (fingerprint, zone.clone()));
+        Ok(zone)
+    }
+
+    /// The writer for an access log setting, or `None` for `off`. One writer per
+    /// (path, format, buffer, flush), shared by every location that logs there.
+    pub fn access_log(
+        &mut self,
+        cfg: &AccessLogCfg,
+        base: &std::path::Path,
+    ) -> Result<Option<AccessLogWriter>, String> {
+        let (path, format, buffer, flush) = match cfg {
+            AccessLogCfg::Path(p) => (p.as_str(), None, None, None),
+            AccessLogCfg::Full {
+                path,
+                format,
+                buffer,
+                flush,
+            } => (path.as_str(), format.as_deref(), *buffer, *flush),
+        };
+        if path == "off" {
+            return Ok(None);
+        }
+        let format =
+            match format.unwrap_or("combined_timed") {
+                "combined" => Format::Combined,
+                "combined_timed" => Format::CombinedTimed,
+                "json" => Format::Json,
+                other => return Err(format!(
+                    "unknown format {other:?}: use \"combined\", \"combined_timed\" or \"json\""
+                )),
+            };
+        let id = format!("{path}|{format:?}|{buffer:?}|{flush:?}");
+        if let Some(w) = self.logs.get(&id) {
+            return Ok(Some(w.clone()));
+        }
+        let target = if path == "stdout" {
+            Target::Stdout
+        } else {
+            let p = std::path::PathBuf::from(path);
+            Target::File(if p.is_absolute() { p } else { base.join(p) })
+        };
+        let mut b = AccessLogWriter::builder(target).format(format);
+        if let Some(buf) = buffer {
+            b = b.buffer(usize::try_from(buf.0).unwrap_or(usize::MAX));
+        }
+        if let Some(f) = flush {
+            b = b.flush(f.0);
+        }
+        let b = b.queue(NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN));
+        let writer = b
+            .spawn()
+            .map_err(|e| format!("cannot open access log {path:?}: {e}"))?;
+        if let Some(m) = &self.metrics {
+            m.register_access_log(path.to_owned(), writer.stats());
+        }
+        self.logs.insert(id, writer.clone());
+        Ok(Some(writer))
+    }
+
+    /// Every access log writer, for SIGUSR1 (reopen) and shutdown (flush).
+    pub fn log_writers(&self) -> impl Iterator<Item = &AccessLogWriter> {
+        self.logs.values()
+    }
+}
