@@ -634,3 +634,161 @@ pub fn raise_nofile() -> u64 {
     }
     nofile_limits().map_or(soft, |(s, _)| s)
 }
+
+/// A proxy on an ephemeral port whose [`ServerStats`](proxy_core::server::ServerStats)
+/// the test can watch.
+pub struct StatsProxy {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The server's live counters.
+    pub stats: Arc<proxy_core::server::ServerStats>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl StatsProxy {
+    /// Serve `service` with `config`.
+    pub async fn start<S>(service: S, config: proxy_core::server::HttpConfig) -> StatsProxy
+    where
+        S: tower::Service<
+                proxy_core::Request,
+                Response = proxy_core::Response,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = proxy_core::server::Server::new(listener).config(config);
+        let addr = server.local_addr().unwrap();
+        let stats = server.stats();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(service, async move {
+            let _ = rx.await;
+        }));
+        StatsProxy {
+            addr,
+            stats,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Graceful shutdown; waits for the server task.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(DEADLINE, task)
+                .await
+                .expect("server did not stop")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for StatsProxy {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A hyper HTTP/1.1 upstream that can be stopped hard (listener and every open
+/// connection closed at once) and started again on the same port.
+pub struct HyperUpstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for HyperUpstream {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+impl HyperUpstream {
+    /// Listen on `addr` (port 0 for an ephemeral one) and answer with `handler`.
+    pub async fn start<F, Fut>(addr: SocketAddr, handler: F) -> HyperUpstream
+    where
+        F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = http::Response<proxy_core::ProxyBody>> + Send + 'static,
+    {
+        // SO_REUSEADDR, so a restart can bind the port its predecessor left in TIME_WAIT.
+        let listener = proxy_core::server::ListenConfig::new(addr).bind().unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            // Owned here: aborting this task aborts every connection with it.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let stream = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok((s, _)) => s,
+                        Err(_) => return,
+                    },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                };
+                let handler = handler.clone();
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let fut = handler(req);
+                        async move { Ok::<_, std::convert::Infallible>(fut.await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        HyperUpstream {
+            addr,
+            task: Some(task),
+        }
+    }
+
+    /// Stop hard: the listener and all connections close now.
+    pub async fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// Read one HTTP/1.1 response with a Content-Length body from `s`; returns its status.
+pub async fn read_one_response(s: &mut TcpStream) -> std::io::Result<u16> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return Ok(status);
+        }
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
