@@ -26,6 +26,8 @@ pub mod response;
 pub mod router;
 pub mod server;
 pub mod static_files;
+#[doc(hidden)]
+pub mod testing;
 pub mod timeout;
 pub mod upstream;
 

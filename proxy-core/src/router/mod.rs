@@ -381,10 +381,7 @@ impl Router {
             };
         }
         let path = normalize_path(req.uri().path()).map_err(|_| bad())?;
-        let i = server
-            .matcher
-            .find(&path)
-            .ok_or(Refusal::NotFound)?;
+        let i = server.matcher.find(&path).ok_or(Refusal::NotFound)?;
         let (Some(loc), Some(route)) = (server.locations.get(i), server.routes.get(i)) else {
             return Err(Refusal::NotFound);
         };
