@@ -317,7 +317,9 @@ async fn exchange(addr: SocketAddr, data: &[u8], shared: &Shared) -> Vec<u8> {
         loop {
             tokio::time::sleep(Duration::from_millis(1)).await;
             let now = snapshot();
-            if now == last && now.2 == 0 && now.3 == 0 {
+            // Quiet, even with a forward in flight: it may be waiting for body bytes
+            // the input does not have, which only the half-close will settle.
+            if now == last {
                 break;
             }
             last = now;
@@ -455,11 +457,13 @@ impl tower_service::Service<Request> for Counting {
     }
 
     fn call(&mut self, mut req: Request) -> Self::Future {
-        let target = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
+        // An absolute-form target with an empty path (`http://h?q`) goes upstream with
+        // `/` as its path (RFC 9112 §3.2.1).
+        let target = match req.uri().path_and_query().map(|pq| pq.as_str()) {
+            None | Some("") => "/".to_owned(),
+            Some(pq) if pq.starts_with('?') => format!("/{pq}"),
+            Some(pq) => pq.to_owned(),
+        };
         let k = {
             let mut accepted = lock(&self.shared.accepted);
             accepted.push((req.method().as_str().to_owned(), target));
