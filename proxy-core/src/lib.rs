@@ -10,6 +10,9 @@
 //! an `http::Response<ProxyBody>`; failures are responses with a status (502, 504, 413,
 //! 429...), never `Err`.
 #![deny(missing_docs)]
+// No unwrap or expect in library code: input reaches almost every path (tests may, see
+// clippy.toml).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod access;
 pub mod access_log;
@@ -29,6 +32,8 @@ pub mod response;
 pub mod router;
 pub mod server;
 pub mod static_files;
+#[doc(hidden)]
+pub mod testing;
 pub mod timeout;
 pub mod upstream;
 
