@@ -130,14 +130,33 @@ impl From<Vec<u8>> for ProxyBody {
 
 impl From<hyper::Error> for Error {
     fn from(e: hyper::Error) -> Self {
-        // A body error from hyper: the peer went away or broke framing mid-body.
+        // A body error from hyper: the peer broke framing (400 when it is the client's
+        // request body) or went away mid-body.
         let kind = if e.is_timeout() {
             Kind::UpstreamTimeout
+        } else if e.is_parse() || is_invalid_data(&e) {
+            Kind::BadRequest
         } else {
             Kind::Downstream
         };
         Error::with_source(kind, e)
     }
+}
+
+/// Whether a hyper body error is the peer's malformed framing (an invalid chunk size or
+/// extension), which hyper reports as an I/O error of kind `InvalidInput` or `InvalidData`.
+fn is_invalid_data(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            );
+        }
+        cur = err.source();
+    }
+    false
 }
 
 impl From<std::io::Error> for Error {

@@ -135,15 +135,16 @@ impl Shared {
         if path == "off" {
             return Ok(None);
         }
-        let format =
-            match format.unwrap_or("combined_timed") {
-                "combined" => Format::Combined,
-                "combined_timed" => Format::CombinedTimed,
-                "json" => Format::Json,
-                other => return Err(format!(
+        let format = match format.unwrap_or("combined_timed") {
+            "combined" => Format::Combined,
+            "combined_timed" => Format::CombinedTimed,
+            "json" => Format::Json,
+            other => {
+                return Err(format!(
                     "unknown format {other:?}: use \"combined\", \"combined_timed\" or \"json\""
-                )),
-            };
+                ))
+            }
+        };
         let id = format!("{path}|{format:?}|{buffer:?}|{flush:?}");
         if let Some(w) = self.logs.get(&id) {
             return Ok(Some(w.clone()));

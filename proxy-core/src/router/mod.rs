@@ -349,6 +349,12 @@ impl Router {
 
     fn route(&self, req: &mut Request) -> Result<(LocationService, Arc<Route>), Refusal> {
         let bad = || Refusal::BadRequest;
+        // RFC 9112 §3.2: more than one Host is a 400. Routing on one line while the
+        // upstream reads another would be virtual-host confusion.
+        let mut hosts = req.headers().get_all(HOST).iter();
+        if hosts.next().is_some() && hosts.next().is_some() {
+            return Err(bad());
+        }
         // The authority of an absolute-form target (or HTTP/2 :authority) wins over Host.
         let host_text: Option<String> = match req.uri().authority() {
             Some(a) => Some(host_of(a.as_str()).ok_or_else(bad)?),

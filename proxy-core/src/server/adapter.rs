@@ -78,14 +78,41 @@ where
     }
 }
 
-/// RFC 9112 §6.1/§6.3: a request with both Transfer-Encoding and Content-Length, or
-/// Transfer-Encoding on HTTP/1.0, is ambiguous framing: answer 400 and close, so no
-/// request-smuggling desync with the upstream is possible.
+/// RFC 9112 §6.1/§6.3: refuse framing a strict parser could read differently.
+///
+/// - Transfer-Encoding with Content-Length, in two lines, or on HTTP/1.0: 400 (hyper drops the
+///   Content-Length itself, but a request that sends both is not to be trusted).
+/// - `chunked` absent, not last or repeated: 400 (the length cannot be determined).
+/// - Other codings before a final `chunked`: 501, as nginx answers. hyper would
+///   decode the chunked layer and the hop-by-hop strip would drop the header, so an
+///   upstream would get still-compressed bytes as a plain body.
+///
+/// Both close the connection.
 fn reject_framing(req: &Request) -> Option<Response> {
     let h = req.headers();
-    let te = h.contains_key(TRANSFER_ENCODING);
-    let ambiguous = te && (h.contains_key(CONTENT_LENGTH) || req.version() == Version::HTTP_10);
-    ambiguous.then(response::bad_request)
+    let mut te = h.get_all(TRANSFER_ENCODING).iter();
+    let first = te.next()?;
+    let repeated = te.next().is_some();
+    if repeated || h.contains_key(CONTENT_LENGTH) || req.version() == Version::HTTP_10 {
+        return Some(response::bad_request());
+    }
+    let value = first.to_str().unwrap_or("");
+    let codings: Vec<&str> = value
+        .split(',')
+        .map(|c| c.trim_matches([' ', '\t']))
+        .collect();
+    let chunked = |c: &&str| c.eq_ignore_ascii_case("chunked");
+    match codings.as_slice() {
+        [only] if chunked(only) => return None,
+        // chunked last and only once, after codings we do not decode: 501.
+        [rest @ .., last] if chunked(last) && !rest.iter().any(chunked) => {}
+        // chunked missing, not last, or repeated: the length cannot be known (§6.3).
+        _ => return Some(response::bad_request()),
+    }
+    let mut resp = response::status(http::StatusCode::NOT_IMPLEMENTED);
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    Some(resp)
 }
 
 pin_project! {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderValue, HOST, UPGRADE};
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme as UriScheme, Uri};
 use http::{Method, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -169,6 +169,14 @@ impl UpstreamClient {
         }
         let upgrade = self.wants_upgrade(req);
         hop::strip(req.headers_mut(), upgrade);
+        // Re-serialise Content-Length canonically (no leading zeros an upstream could
+        // read as octal): the body's exact length is what will be sent.
+        if req.headers().contains_key(CONTENT_LENGTH) {
+            if let Some(n) = http_body::Body::size_hint(req.body()).exact() {
+                req.headers_mut()
+                    .insert(CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
         let pq = req
             .uri()
             .path_and_query()
@@ -267,14 +275,17 @@ fn map_error(e: ClientError) -> Error {
         };
         return Error::with_source(kind, e);
     }
-    // The client's own body failing while we stream it up is the client's fault.
+    // The client's own body failing while we stream it up is the client's fault, never
+    // the upstream's (a passive health check must not count it): keep the body's kind
+    // (400 for broken chunked framing, 413, 408, 499 for a vanished client).
+    if let Some(ours) = find_source::<Error>(&e) {
+        let kind = ours.kind();
+        return Error::with_source(kind, e);
+    }
     if let Some(h) = find_source::<hyper::Error>(&e) {
         if h.is_body_write_aborted() || h.is_user() {
             return Error::with_source(Kind::UpstreamSend, e);
         }
-    }
-    if find_source::<Error>(&e).is_some() {
-        return Error::with_source(Kind::Downstream, e);
     }
     Error::with_source(Kind::UpstreamProtocol, e)
 }
