@@ -1,1 +1,279 @@
-//! placeholder
+//! The FastAPI deployment end to end: two real uvicorn processes (from `.venv`, made by
+//! `scripts/test-setup.sh`) running `examples/fastapi/app.py`, the deployment of
+//! `examples::fastapi` in-process (the code the `fastapi_proxy` example runs), and real
+//! clients on 127.0.0.1/127.0.0.2 sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use support::{eventually, Fixture, DEADLINE};
+
+/// uvicorn's default `--timeout-keep-alive`, and the deployment's default pool idle time.
+const UVICORN_KEEP_ALIVE: u32 = 5;
+const POOL_IDLE: Duration = Duration::from_secs(4);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_behind_the_proxy_sees_the_client_https_and_its_routes() {
+    let f = Fixture::start(UVICORN_KEEP_ALIVE, POOL_IDLE).await;
+    let mut client = f.https_client().await;
+
+    // Forwarded headers: uvicorn trusts the proxy (127.0.0.1) and reports the client's
+    // own source address, the scheme and URLs it builds are https.
+    let who = client.get("/whoami").await;
+    assert_eq!(who.status, 200, "{who:?}");
+    let v = who.json();
+    assert_eq!(v["client"], "127.0.0.2", "request.client.host: {v}");
+    assert_eq!(v["scheme"], "https", "request.url.scheme: {v}");
+    assert_eq!(v["host"], f.host().as_str());
+    assert_eq!(
+        v["url_for"],
+        format!("https://{}/whoami", f.host()).as_str(),
+        "url_for: {v}"
+    );
+    // HSTS on HTTPS answers.
+    assert_eq!(
+        who.headers["strict-transport-security"],
+        "max-age=31536000; includeSubDomains"
+    );
+
+    // least_conn spreads sequential requests over both processes.
+    let mut apps = HashSet::new();
+    for _ in 0..6 {
+        let a = client.get("/whoami").await;
+        assert_eq!(a.status, 200);
+        apps.insert(a.json()["app"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(apps.len(), 2, "both uvicorn processes serve: {apps:?}");
+
+    // HTTP/2 from the client, HTTP/1.1 to uvicorn, same view of the client.
+    let (status, body) = f.h2_get("/whoami").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((v["client"].as_str(), v["scheme"].as_str()), (Some("127.0.0.2"), Some("https")));
+
+    // Plain HTTP: a 301 to the same URI over HTTPS, without reaching the app.
+    let before = f.served().await;
+    let mut tcp = Fixture::tcp_from_client_ip(f.http).await;
+    let host = format!("localhost:{}", f.http.port());
+    tcp.write_all(
+        format!("GET /whoami?x=1 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = String::new();
+    tokio::time::timeout(DEADLINE, tcp.read_to_string(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(raw.starts_with("HTTP/1.1 301"), "{raw}");
+    let location = format!("location: https://localhost:{}/whoami?x=1\r\n", f.https.port());
+    assert!(raw.to_ascii_lowercase().contains(&location), "{raw}");
+
+    // Static files come from disk with a 30-day expiry; the app never sees them.
+    let file = client.get("/static/hello.txt").await;
+    assert_eq!(file.status, 200);
+    assert_eq!(
+        &file.body[..],
+        std::fs::read(support::repo_root().join("examples/fastapi/static/hello.txt")).unwrap()
+    );
+    assert_eq!(file.headers["cache-control"], "max-age=2592000");
+    assert!(file.headers.contains_key("expires"));
+    assert_eq!(client.get("/static/missing.txt").await.status, 404);
+    // Scanner paths: the connection is closed without an answer (nginx's 444).
+    let mut scanner = f.https_client().await;
+    assert!(scanner.request("GET", "/wp-login.php").await.is_err());
+    assert_eq!(f.served().await, before, "the app counted a redirect, file or 444");
+
+    // WebSocket echo through /ws/ over TLS.
+    let tls = f.tls_stream(&f.tls).await;
+    let url = format!("wss://{}/ws/echo", f.host());
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for text in ["hello", "fastapi", &"x".repeat(100_000)] {
+        ws.send(Message::text(text)).await.unwrap();
+        let echoed = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("echo within the deadline")
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed, Message::text(text));
+    }
+    ws.close(None).await.unwrap();
+
+    // /auth/token: 5r/m with burst=10 nodelay: 11 pass at once, then 429 without
+    // reaching the app.
+    let before = f.served().await;
+    for i in 0..11 {
+        let a = client.request("POST", "/auth/token").await.unwrap();
+        assert_eq!(a.status, 200, "POST /auth/token #{i}: {a:?}");
+    }
+    for _ in 0..3 {
+        let a = client.request("POST", "/auth/token").await.unwrap();
+        assert_eq!(a.status, 429, "{a:?}");
+        assert!(a.headers.contains_key("retry-after"));
+    }
+    assert_eq!(f.served().await, before + 11, "429s never reach the app");
+    // Other paths are not limited.
+    assert_eq!(client.get("/whoami").await.status, 200);
+
+    f.stop().await;
+}
+
+/// Requests from `clients` keep-alive connections until `total` were answered;
+/// `when_done(n)` is notified of progress. Returns every status (or error text).
+async fn request_stream(
+    f: &Fixture,
+    clients: usize,
+    total: usize,
+    progress: Arc<tokio::sync::watch::Sender<usize>>,
+) -> tokio::task::JoinSet<Vec<Result<(u16, String), String>>> {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let mut client = f.https_client().await;
+        let (sent, progress) = (sent.clone(), progress.clone());
+        tasks.spawn(async move {
+            let mut seen = Vec::new();
+            while sent.fetch_add(1, Ordering::SeqCst) < total {
+                let r = match client.request("GET", "/whoami").await {
+                    Ok(a) if a.status == 200 => {
+                        Ok((200, a.json()["app"].as_str().unwrap_or("").to_owned()))
+                    }
+                    Ok(a) => Ok((a.status.as_u16(), String::from_utf8_lossy(&a.body).into())),
+                    Err(e) => Err(e.to_string()),
+                };
+                let failed = r.is_err();
+                seen.push(r);
+                progress.send_modify(|n| *n += 1);
+                if failed {
+                    break;
+                }
+            }
+            seen
+        });
+    }
+    tasks
+}
+
+async fn losing_an_app_mid_stream(graceful: bool) {
+    let mut f = Fixture::start(UVICORN_KEEP_ALIVE, POOL_IDLE).await;
+    let (progress, mut done) = tokio::sync::watch::channel(0usize);
+    let progress = Arc::new(progress);
+    let total = 300;
+    let mut tasks = request_stream(&f, 4, total, progress).await;
+
+    // Stop app a once a third of the stream was answered.
+    tokio::time::timeout(DEADLINE, done.wait_for(|n| *n >= total / 3))
+        .await
+        .expect("a third of the requests answered")
+        .unwrap();
+    if graceful {
+        f.apps[0].terminate();
+    } else {
+        f.apps[0].kill();
+    }
+    let mut results = Vec::new();
+    while let Some(r) = tokio::time::timeout(DEADLINE, tasks.join_next())
+        .await
+        .expect("the stream ends")
+    {
+        results.extend(r.unwrap());
+    }
+    assert_eq!(results.len(), total, "every request answered");
+    let bad: Vec<_> = results
+        .iter()
+        .filter(|r| !matches!(r, Ok((200, _))))
+        .collect();
+    assert!(bad.is_empty(), "client-visible failures: {bad:?}");
+    // After the stop, app b carries the stream.
+    let tail: HashSet<_> = results[results.len() - 20..]
+        .iter()
+        .map(|r| r.as_ref().unwrap().1.clone())
+        .collect();
+    assert_eq!(tail, HashSet::from(["b".to_owned()]), "the last answers come from b");
+    let early: HashSet<_> = results.iter().map(|r| r.as_ref().unwrap().1.clone()).collect();
+    assert!(early.contains("a"), "a served before it stopped");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_one_uvicorn_during_a_stream_of_gets_is_invisible_to_clients() {
+    losing_an_app_mid_stream(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_uvicorn_during_a_stream_of_gets_is_invisible_to_clients() {
+    losing_an_app_mid_stream(false).await;
+}
+
+/// uvicorn closes idle keep-alive connections after `--timeout-keep-alive` (5 s by
+/// default). Scaled down: uvicorn at 1 s, the pool at 0.8 s (the deployment's 4 s for
+/// 5 s), requests paced around the 1 s boundary, where a pool without the shorter idle
+/// timeout sends a request on a connection uvicorn is closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_closing_idle_connections_never_causes_a_502() {
+    let f = Fixture::start(1, Duration::from_millis(800)).await;
+
+    // The premise: the app does close an idle connection after about a second.
+    let mut raw = tokio::net::TcpStream::connect(f.apps[0].addr).await.unwrap();
+    raw.write_all(b"GET /count HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = raw.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match raw.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    closed.await.expect("uvicorn closes an idle connection after 1 s");
+
+    // Three clients, each pacing its requests across the boundary (0.70 s .. 1.15 s).
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..3u64 {
+        let mut client = f.https_client().await;
+        tasks.spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..8u64 {
+                let gap = 700 + ((i * 3 + c) % 10) * 50;
+                // Pacing the scenario, not waiting for a condition.
+                tokio::time::sleep(Duration::from_millis(gap)).await;
+                let a = client.request("GET", "/whoami").await;
+                statuses.push(a.map(|a| a.status.as_u16()).map_err(|e| e.to_string()));
+            }
+            statuses
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tokio::time::timeout(DEADLINE, tasks.join_next())
+        .await
+        .expect("paced clients finish")
+    {
+        all.extend(r.unwrap());
+    }
+    assert_eq!(all.len(), 24);
+    assert!(
+        all.iter().all(|s| matches!(s, Ok(200))),
+        "a request failed: {all:?}"
+    );
+    // Nothing was taken out of rotation either.
+    eventually("no upstream counted as failed", || async {
+        f.group.stats().all(|s| s.fails == 0)
+    })
+    .await;
+    f.stop().await;
+}
