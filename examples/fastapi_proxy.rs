@@ -23,15 +23,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    let deployment = match Deployment::from_args(std::env::args().skip(1), |k| {
-        std::env::var(k).ok()
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
+    let deployment =
+        match Deployment::from_args(std::env::args().skip(1), |k| std::env::var(k).ok()) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(2);
+            }
+        };
     let self_signed = deployment.certificate == Certificate::SelfSigned;
     let upstreams = deployment.upstreams.clone();
     let bound = deployment.bind()?;

@@ -498,8 +498,8 @@ mod tests {
             "FASTAPI_PROXY_HTTPS" => Some("127.0.0.1:3".to_owned()),
             _ => None,
         };
-        let d = Deployment::from_args(["--https".to_owned(), "127.0.0.1:4".to_owned()], env)
-            .unwrap();
+        let d =
+            Deployment::from_args(["--https".to_owned(), "127.0.0.1:4".to_owned()], env).unwrap();
         assert_eq!(d.https.port(), 4);
         assert_eq!(d.upstreams.len(), 2);
         assert_eq!(d.certificate, Certificate::SelfSigned);
@@ -521,7 +521,13 @@ mod tests {
 
     #[test]
     fn every_pattern_parses() {
-        for p in ["/", "/static/", "/ws/", "/auth/token", "~* /(wp-login|wp-admin|xmlrpc)"] {
+        for p in [
+            "/",
+            "/static/",
+            "/ws/",
+            "/auth/token",
+            "~* /(wp-login|wp-admin|xmlrpc)",
+        ] {
             assert!(Pattern::parse(p).is_some(), "{p}");
         }
     }

@@ -108,7 +108,11 @@ impl Uvicorn {
         loop {
             tick.tick().await;
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                eprintln!("uvicorn {} exited ({status}):\n{}", self.name, self.log_text());
+                eprintln!(
+                    "uvicorn {} exited ({status}):\n{}",
+                    self.name,
+                    self.log_text()
+                );
                 return Err(Exited);
             }
             if let Ok(Ok((200, _))) =
@@ -147,11 +151,6 @@ impl Uvicorn {
             .status()
             .unwrap();
         assert!(status.success(), "kill -TERM {}", self.pid());
-    }
-
-    /// SIGKILL: gone at once, connections reset mid-request.
-    pub fn kill(&mut self) {
-        let _ = self.child.as_mut().unwrap().kill();
     }
 
     fn log_text(&self) -> String {
@@ -374,12 +373,22 @@ impl Answer {
 impl HttpsClient {
     /// Send one request and read the whole answer.
     pub async fn request(&mut self, method: &str, path: &str) -> Result<Answer, hyper::Error> {
+        self.request_with(method, path, Bytes::new()).await
+    }
+
+    /// Send one request with a body and read the whole answer.
+    pub async fn request_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Answer, hyper::Error> {
         self.send.ready().await?;
         let req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", &self.host)
-            .body(Full::new(Bytes::new()))
+            .body(Full::new(body))
             .unwrap();
         let resp = self.send.send_request(req).await?;
         let (parts, body) = resp.into_parts();
