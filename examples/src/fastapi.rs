@@ -476,6 +476,12 @@ const _: fn() = || {
     served::<Stack>();
 };
 
+/// The README section (`docs/fastapi.md`), so that its Rust example is compiled by the
+/// doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/fastapi.md")]
+struct ReadmeSection;
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -7,7 +7,7 @@
 mod support;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -138,23 +138,27 @@ async fn the_app_behind_the_proxy_sees_the_client_https_and_its_routes() {
     f.stop().await;
 }
 
-/// Requests from `clients` keep-alive connections until `total` were answered;
-/// `progress` counts the answers. Each task returns its (status, app or body) per
-/// request, or the error text of a failed one (after which it stops).
+/// One answer of the stream: (status, the app that served it or the body), or the
+/// error text of a request that failed at the HTTP level.
+type Outcome = Result<(u16, String), String>;
+
+/// GETs from `clients` keep-alive connections until `stop` is set (or a bound is hit).
+/// `progress` counts the answers. Each task returns its outcomes in order, stopping at
+/// the first failed request.
 async fn request_stream(
     f: &Fixture,
     clients: usize,
-    total: usize,
+    stop: Arc<AtomicBool>,
     progress: Arc<tokio::sync::watch::Sender<usize>>,
-) -> tokio::task::JoinSet<Vec<Result<(u16, String), String>>> {
-    let sent = Arc::new(AtomicUsize::new(0));
+) -> tokio::task::JoinSet<Vec<Outcome>> {
+    const BOUND: usize = 5_000;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients {
         let mut client = f.https_client().await;
-        let (sent, progress) = (sent.clone(), progress.clone());
+        let (stop, progress) = (stop.clone(), progress.clone());
         tasks.spawn(async move {
             let mut seen = Vec::new();
-            while sent.fetch_add(1, Ordering::SeqCst) < total {
+            while !stop.load(Ordering::SeqCst) && seen.len() < BOUND {
                 let r = match client.request("GET", "/whoami").await {
                     Ok(a) if a.status == 200 => {
                         Ok((200, a.json()["app"].as_str().unwrap_or("").to_owned()))
@@ -175,53 +179,62 @@ async fn request_stream(
     tasks
 }
 
-/// The stream of GETs and the stop of app `a` in its middle. SIGTERM, as a deploy or a
+/// A stream of GETs, and app `a` stopped in its middle with SIGTERM, as a deploy or a
 /// process manager stops uvicorn: it refuses new connections, finishes what is in
 /// flight and closes its keep-alive connections, each of which the proxy must absorb.
 /// (A SIGKILL can cut a response whose header was already relayed; no proxy can hide
 /// that from the client, so it is not part of this promise.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_one_uvicorn_during_a_stream_of_gets_is_invisible_to_clients() {
-    let f = Fixture::start(UVICORN_KEEP_ALIVE, POOL_IDLE).await;
-    let (progress, mut done) = tokio::sync::watch::channel(0usize);
-    let progress = Arc::new(progress);
-    let total = 300;
-    let mut tasks = request_stream(&f, 4, total, progress).await;
+    let mut f = Fixture::start(UVICORN_KEEP_ALIVE, POOL_IDLE).await;
+    let (progress, mut answered) = tokio::sync::watch::channel(0usize);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = request_stream(&f, 4, stop.clone(), Arc::new(progress)).await;
 
-    // Stop app a once a third of the stream was answered.
-    tokio::time::timeout(DEADLINE, done.wait_for(|n| *n >= total / 3))
-        .await
-        .expect("a third of the requests answered")
-        .unwrap();
+    // 100 answers, then SIGTERM to a; once a has exited, 100 more, then stop.
+    let wait_for = |n: usize, rx: &mut tokio::sync::watch::Receiver<usize>| {
+        let mut rx = rx.clone();
+        async move {
+            tokio::time::timeout(DEADLINE, rx.wait_for(|m| *m >= n))
+                .await
+                .unwrap_or_else(|_| panic!("{n} answers within {DEADLINE:?}"))
+                .map(|m| *m)
+                .unwrap()
+        }
+    };
+    wait_for(100, &mut answered).await;
     f.apps[0].terminate();
-    let mut results = Vec::new();
+    f.apps[0].wait_exit().await;
+    let at_exit = *answered.borrow();
+    wait_for(at_exit + 100, &mut answered).await;
+    stop.store(true, Ordering::SeqCst);
+
+    let mut per_client = Vec::new();
     while let Some(r) = tokio::time::timeout(DEADLINE, tasks.join_next())
         .await
         .expect("the stream ends")
     {
-        results.extend(r.unwrap());
+        per_client.push(r.unwrap());
     }
-    assert_eq!(results.len(), total, "every request answered");
-    let bad: Vec<_> = results
-        .iter()
-        .filter(|r| !matches!(r, Ok((200, _))))
-        .collect();
+    let all: Vec<&Outcome> = per_client.iter().flatten().collect();
+    assert!(all.len() >= at_exit + 100);
+    let bad: Vec<_> = all.iter().filter(|r| !matches!(r, Ok((200, _)))).collect();
     assert!(bad.is_empty(), "client-visible failures: {bad:?}");
-    // After the stop, app b carries the stream.
-    let tail: HashSet<_> = results[results.len() - 20..]
+    let apps: HashSet<&str> = all
         .iter()
-        .map(|r| r.as_ref().unwrap().1.clone())
+        .filter_map(|r| r.as_ref().ok())
+        .map(|r| r.1.as_str())
         .collect();
-    assert_eq!(
-        tail,
-        HashSet::from(["b".to_owned()]),
-        "the last answers come from b"
-    );
-    let early: HashSet<_> = results
-        .iter()
-        .map(|r| r.as_ref().unwrap().1.clone())
-        .collect();
-    assert!(early.contains("a"), "a served before it stopped");
+    assert!(apps.contains("a"), "a served before it stopped");
+    // After a exited, b carries the stream: each client's last answers come from b.
+    for answers in &per_client {
+        let tail: HashSet<&str> = answers[answers.len().saturating_sub(5)..]
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|r| r.1.as_str())
+            .collect();
+        assert_eq!(tail, HashSet::from(["b"]), "the last answers come from b");
+    }
     f.stop().await;
 }
 

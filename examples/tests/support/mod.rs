@@ -153,6 +153,24 @@ impl Uvicorn {
         assert!(status.success(), "kill -TERM {}", self.pid());
     }
 
+    /// Wait until the process has exited, within [`DEADLINE`].
+    pub async fn wait_exit(&mut self) {
+        let child = self.child.as_mut().unwrap();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            if child.try_wait().unwrap().is_some() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "uvicorn {} still running {DEADLINE:?} after SIGTERM",
+                self.name
+            );
+        }
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
