@@ -17,13 +17,16 @@ use tokio_tungstenite::tungstenite::Message;
 
 use support::{eventually, Fixture, DEADLINE};
 
-/// uvicorn's default `--timeout-keep-alive`, and the deployment's default pool idle time.
+/// uvicorn's default `--timeout-keep-alive`.
 const UVICORN_KEEP_ALIVE: u32 = 5;
-const POOL_IDLE: Duration = Duration::from_secs(4);
+
+/// `proxy_read_timeout` of the main test, short so that a WebSocket outliving it
+/// shows `/ws/` has its own idle timeout.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_behind_the_proxy_sees_the_client_https_and_its_routes() {
-    let f = Fixture::start(UVICORN_KEEP_ALIVE, POOL_IDLE).await;
+    let f = Fixture::start(UVICORN_KEEP_ALIVE, |d| d.read_timeout = READ_TIMEOUT).await;
     let mut client = f.https_client().await;
 
     // Forwarded headers: uvicorn trusts the proxy (127.0.0.1) and reports the client's
@@ -117,6 +120,17 @@ async fn the_app_behind_the_proxy_sees_the_client_https_and_its_routes() {
             .unwrap();
         assert_eq!(echoed, Message::text(text));
     }
+    // /ws/ tunnels have their own idle timeout (an hour), not proxy_read_timeout: a
+    // socket silent for longer than the read timeout still echoes.
+    // Pacing the scenario, not waiting for a condition.
+    tokio::time::sleep(READ_TIMEOUT + Duration::from_millis(500)).await;
+    ws.send(Message::text("still there")).await.unwrap();
+    let echoed = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap();
+    assert_eq!(
+        echoed.unwrap().unwrap(),
+        Message::text("still there"),
+        "the tunnel outlives proxy_read_timeout"
+    );
     ws.close(None).await.unwrap();
 
     // /auth/token: 5r/m with burst=10 nodelay: 11 pass at once, then 429 without
@@ -186,7 +200,7 @@ async fn request_stream(
 /// that from the client, so it is not part of this promise.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_one_uvicorn_during_a_stream_of_gets_is_invisible_to_clients() {
-    let mut f = Fixture::start(UVICORN_KEEP_ALIVE, POOL_IDLE).await;
+    let mut f = Fixture::start(UVICORN_KEEP_ALIVE, |_| {}).await;
     let (progress, mut answered) = tokio::sync::watch::channel(0usize);
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = request_stream(&f, 4, stop.clone(), Arc::new(progress)).await;
@@ -244,7 +258,10 @@ async fn stopping_one_uvicorn_during_a_stream_of_gets_is_invisible_to_clients() 
 /// timeout sends a request on a connection uvicorn is closing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_closing_idle_connections_never_causes_a_502() {
-    let f = Fixture::start(1, Duration::from_millis(800)).await;
+    let f = Fixture::start(1, |d| {
+        d.upstream_keepalive_timeout = Duration::from_millis(800);
+    })
+    .await;
 
     // The premise: the app does close an idle connection after about a second.
     let mut raw = tokio::net::TcpStream::connect(f.apps[0].addr)

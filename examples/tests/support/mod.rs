@@ -234,21 +234,21 @@ pub struct Fixture {
 
 impl Fixture {
     /// Start two uvicorn processes (`--timeout-keep-alive keep_alive`) and the
-    /// deployment, whose upstream pool keeps idle connections for `pool_idle`.
-    pub async fn start(keep_alive: u32, pool_idle: Duration) -> Fixture {
+    /// deployment with its defaults changed by `configure`.
+    pub async fn start(keep_alive: u32, configure: impl FnOnce(&mut Deployment)) -> Fixture {
         let logs = tempfile::tempdir().unwrap();
         let (a, b) = tokio::join!(
             Uvicorn::start("a", keep_alive, logs.path()),
             Uvicorn::start("b", keep_alive, logs.path())
         );
-        let deployment = Deployment {
+        let mut deployment = Deployment {
             https: "127.0.0.1:0".parse().unwrap(),
             http: "127.0.0.1:0".parse().unwrap(),
             upstreams: vec![a.addr, b.addr],
             certificate: Certificate::SelfSigned,
-            upstream_keepalive_timeout: pool_idle,
             ..Deployment::default()
         };
+        configure(&mut deployment);
         let bound: Bound = deployment.bind().unwrap();
         let pem = bound.dev_certificate_pem().unwrap().to_owned();
         let (https, http, group) = (bound.https_addr(), bound.http_addr(), bound.group().clone());
