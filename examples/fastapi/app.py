@@ -39,6 +39,12 @@ async def whoami(request: Request):
     }
 
 
+@app.post("/items")
+async def create_item(request: Request):
+    body = await request.body()
+    return {"received": len(body), "app": os.environ.get("APP_NAME", "app")}
+
+
 @app.post("/auth/token")
 async def token():
     return {"access_token": "example", "token_type": "bearer"}

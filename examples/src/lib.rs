@@ -1,1 +1,9 @@
-//! Example programs live beside this crate; see `examples/*.rs`.
+//! Example programs live beside this crate (`examples/*.rs`); the pieces they share live
+//! here so that tests run the very same code:
+//!
+//! - [`fastapi`]: the FastAPI deployment (TLS, redirect, static files, WebSockets, rate
+//!   limit, `least_conn` over uvicorn processes), used by the `fastapi_proxy` example and
+//!   its end-to-end test.
+#![deny(missing_docs)]
+
+pub mod fastapi;
