@@ -643,6 +643,9 @@ fn access_log(
     let Some(cfg) = cfg else {
         return ctx.default_log.clone();
     };
+    if let schema::AccessLogCfg::Enabled(true) = cfg.get_ref() {
+        return ctx.default_log.clone();
+    }
     match ctx.shared.access_log(cfg.get_ref(), &ctx.src.base_dir()) {
         Ok(w) => w,
         Err(e) => {

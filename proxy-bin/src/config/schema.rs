@@ -70,6 +70,8 @@ pub struct Admin {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum AccessLogCfg {
+    /// `false` is `"off"`; `true` keeps the inherited log.
+    Enabled(bool),
     /// `"off"`, `"stdout"` or a file path, with the default format.
     Path(String),
     /// The full form.

@@ -124,6 +124,8 @@ impl Shared {
         base: &std::path::Path,
     ) -> Result<Option<AccessLogWriter>, String> {
         let (path, format, buffer, flush) = match cfg {
+            AccessLogCfg::Enabled(false) => return Ok(None),
+            AccessLogCfg::Enabled(true) => ("stdout", None, None, None),
             AccessLogCfg::Path(p) => (p.as_str(), None, None, None),
             AccessLogCfg::Full {
                 path,
