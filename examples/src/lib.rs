@@ -7,3 +7,8 @@
 #![deny(missing_docs)]
 
 pub mod fastapi;
+
+/// The README's code blocks, compiled as doc tests so the README cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -11,11 +11,18 @@ use std::time::{Duration, Instant};
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Kills the process when the test ends, pass or fail.
@@ -45,8 +52,19 @@ fn uvicorn(port: u16, name: &str) -> Guard {
         bin.display()
     );
     let child = Command::new(bin)
-        .args(["app:app", "--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--proxy-headers", "--forwarded-allow-ips=127.0.0.1", "--log-level", "warning"])
+        .args([
+            "app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .args([
+            "--proxy-headers",
+            "--forwarded-allow-ips=127.0.0.1",
+            "--log-level",
+            "warning",
+        ])
         .env("APP_NAME", name)
         .current_dir(repo().join("examples/fastapi"))
         .stdout(Stdio::null())
@@ -105,7 +123,10 @@ fn binary_fronts_two_uvicorn_processes_as_documented() {
     let whoami = curl(&["--resolve", &resolve, &format!("{base}/whoami")]);
     assert!(whoami.contains("\"client\":\"127.0.0.2\""), "{whoami}");
     assert!(whoami.contains("\"scheme\":\"https\""), "{whoami}");
-    assert!(whoami.contains(&format!("\"url_for\":\"https://localhost:{https}/whoami\"")), "{whoami}");
+    assert!(
+        whoami.contains(&format!("\"url_for\":\"https://localhost:{https}/whoami\"")),
+        "{whoami}"
+    );
 
     // Both processes answer (least_conn spreads sequential requests when counts tie).
     let mut apps = std::collections::HashSet::new();
@@ -118,22 +139,47 @@ fn binary_fronts_two_uvicorn_processes_as_documented() {
             apps.insert('b');
         }
     }
-    assert_eq!(apps.len(), 2, "least_conn should use both uvicorn processes");
+    assert_eq!(
+        apps.len(),
+        2,
+        "least_conn should use both uvicorn processes"
+    );
 
     // Plain HTTP is redirected to the HTTPS port.
     let head = curl(&["-I", &format!("http://127.0.0.1:{http}/whoami?x=1")]);
     assert!(head.starts_with("HTTP/1.1 301"), "{head}");
-    assert!(head.contains(&format!("https://127.0.0.1:{https}/whoami?x=1")), "{head}");
+    assert!(
+        head.contains(&format!("https://127.0.0.1:{https}/whoami?x=1")),
+        "{head}"
+    );
 
     // Static files never reach the app.
-    let css = curl(&["-i", "--resolve", &resolve, &format!("{base}/static/app.css")]);
-    assert!(css.starts_with("HTTP/1.1 200") || css.starts_with("HTTP/2 200"), "{css}");
+    let css = curl(&[
+        "-i",
+        "--resolve",
+        &resolve,
+        &format!("{base}/static/app.css"),
+    ]);
+    assert!(
+        css.starts_with("HTTP/1.1 200") || css.starts_with("HTTP/2 200"),
+        "{css}"
+    );
     assert!(css.contains("max-age=2592000"), "{css}");
 
     // /auth/token: 11 at once (1 + burst 10), then 429.
     let mut codes = Vec::new();
     for _ in 0..12 {
-        codes.push(curl(&["-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "--resolve", &resolve, &format!("{base}/auth/token")]));
+        codes.push(curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "--resolve",
+            &resolve,
+            &format!("{base}/auth/token"),
+        ]));
     }
     assert!(codes[..11].iter().all(|c| c == "200"), "{codes:?}");
     assert_eq!(codes[11], "429", "{codes:?}");

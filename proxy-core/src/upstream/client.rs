@@ -11,6 +11,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::access_log::UpstreamInfo;
 use crate::body::{ProxyBody, Request, Response};
 use crate::error::{Error, Kind};
 use crate::hop;
@@ -114,6 +115,7 @@ impl UpstreamClient {
             None
         };
         let retry = retry_template(&req);
+        let started = tokio::time::Instant::now();
         let first = self.send_once(req, timeouts.read_timeout).await;
         let resp = match (first, retry) {
             (Err(e), Some(again)) if is_stale_connection(&e) => {
@@ -139,6 +141,9 @@ impl UpstreamClient {
             };
         }
         let mut resp = resp.map(ProxyBody::from);
+        // For access logs and metrics: which server answered, and how fast.
+        resp.extensions_mut()
+            .insert(UpstreamInfo::new(addr, started.elapsed()));
         // The client's connection has its own version; an HTTP/1.0 upstream's answer is
         // relayed on it as HTTP/1.1 framing decided by hyper.
         *resp.version_mut() = Version::HTTP_11;
