@@ -8,6 +8,55 @@ use toml::Spanned;
 
 use super::values::{Dur, Size};
 
+/// Declares a struct with the settings a `[[server]]` gives its locations and a
+/// `[[server.location]]` may override (nginx's inheritance), so the two lists cannot drift.
+macro_rules! with_inherited_settings {
+    ($(#[$meta:meta])* pub struct $name:ident { $($body:tt)* }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($body)*
+    /// nginx's `client_max_body_size` (default 1m; 0 = unlimited).
+    pub client_max_body_size: Option<Size>,
+    /// nginx's `client_body_timeout` between two reads (default 60s).
+    pub client_body_timeout: Option<Dur>,
+    /// nginx's `proxy_request_buffering` (default on).
+    pub proxy_request_buffering: Option<bool>,
+    /// nginx's `client_body_buffer_size`: request bodies past it spill to a temp file
+    /// (default 16k).
+    pub client_body_buffer_size: Option<Size>,
+    /// nginx's `proxy_buffering` (default on).
+    pub proxy_buffering: Option<bool>,
+    /// Memory for reading a response ahead (nginx's `proxy_buffers`, default 64k).
+    pub proxy_buffers: Option<Size>,
+    /// nginx's `proxy_max_temp_file_size` (default 1024m; 0 = memory only).
+    pub proxy_max_temp_file_size: Option<Size>,
+    /// Requests handled at once; more are answered 503 (default: no limit).
+    pub max_concurrent_requests: Option<usize>,
+    /// nginx's `proxy_next_upstream` (`["error", "timeout", "http_502", "non_idempotent"]`,
+    /// `[]` = off; default `["error", "timeout"]`).
+    pub next_upstream: Option<Vec<Spanned<String>>>,
+    /// nginx's `proxy_next_upstream_tries` (0 = every server).
+    pub next_upstream_tries: Option<u32>,
+    /// nginx's `proxy_next_upstream_timeout` (0 = unlimited).
+    pub next_upstream_timeout: Option<Dur>,
+    /// Forwarded headers and the real client address.
+    pub forwarded: Option<Spanned<ForwardedCfg>>,
+    /// nginx's `limit_req` lines.
+    pub limit_req: Option<Vec<Spanned<LimitReqCfg>>>,
+    /// nginx's `limit_req_status` (default 503).
+    pub limit_req_status: Option<u16>,
+    /// nginx's `limit_req_dry_run`.
+    pub limit_req_dry_run: Option<bool>,
+    /// nginx's `limit_conn` lines.
+    pub limit_conn: Option<Vec<Spanned<LimitConnCfg>>>,
+    /// nginx's `limit_conn_status` (default 503).
+    pub limit_conn_status: Option<u16>,
+    /// The access log (overrides `[access_log]`); `"off"` disables it.
+    pub access_log: Option<Spanned<AccessLogCfg>>,
+        }
+    };
+}
+
 /// The whole file.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -167,6 +216,7 @@ pub struct HealthCheckCfg {
     pub timeout: Option<Dur>,
 }
 
+with_inherited_settings! {
 /// `[[server]]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -213,44 +263,6 @@ pub struct Server {
     pub hsts: Option<HstsCfg>,
     /// Default `proxy_read_timeout` for this server's locations (default 60s).
     pub proxy_read_timeout: Option<Dur>,
-    /// nginx's `client_max_body_size` (default 1m; 0 = unlimited).
-    pub client_max_body_size: Option<Size>,
-    /// nginx's `client_body_timeout` between two reads (default 60s).
-    pub client_body_timeout: Option<Dur>,
-    /// nginx's `proxy_request_buffering` (default on).
-    pub proxy_request_buffering: Option<bool>,
-    /// nginx's `client_body_buffer_size`: request bodies past it spill to a temp file
-    /// (default 16k).
-    pub client_body_buffer_size: Option<Size>,
-    /// nginx's `proxy_buffering` (default on).
-    pub proxy_buffering: Option<bool>,
-    /// Memory for reading a response ahead (nginx's `proxy_buffers`, default 64k).
-    pub proxy_buffers: Option<Size>,
-    /// nginx's `proxy_max_temp_file_size` (default 1024m; 0 = memory only).
-    pub proxy_max_temp_file_size: Option<Size>,
-    /// Requests handled at once; more are answered 503 (default: no limit).
-    pub max_concurrent_requests: Option<usize>,
-    /// nginx's `proxy_next_upstream` (`["error", "timeout", "http_502", "non_idempotent"]`,
-    /// `[]` = off; default `["error", "timeout"]`).
-    pub next_upstream: Option<Vec<Spanned<String>>>,
-    /// nginx's `proxy_next_upstream_tries` (0 = every server).
-    pub next_upstream_tries: Option<u32>,
-    /// nginx's `proxy_next_upstream_timeout` (0 = unlimited).
-    pub next_upstream_timeout: Option<Dur>,
-    /// Forwarded headers and the real client address.
-    pub forwarded: Option<Spanned<ForwardedCfg>>,
-    /// nginx's `limit_req` lines.
-    pub limit_req: Option<Vec<Spanned<LimitReqCfg>>>,
-    /// nginx's `limit_req_status` (default 503).
-    pub limit_req_status: Option<u16>,
-    /// nginx's `limit_req_dry_run`.
-    pub limit_req_dry_run: Option<bool>,
-    /// nginx's `limit_conn` lines.
-    pub limit_conn: Option<Vec<Spanned<LimitConnCfg>>>,
-    /// nginx's `limit_conn_status` (default 503).
-    pub limit_conn_status: Option<u16>,
-    /// The access log (overrides `[access_log]`); `"off"` disables it.
-    pub access_log: Option<Spanned<AccessLogCfg>>,
 
     /// nginx's `add_header`, for every location that sets none of its own.
     #[serde(default)]
@@ -265,7 +277,9 @@ pub struct Server {
     #[serde(default)]
     pub location: Vec<Location>,
 }
+}
 
+with_inherited_settings! {
 /// `[[server.location]]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -304,50 +318,13 @@ pub struct Location {
     /// Follow symbolic links that leave the directory (refused with 403 by default).
     #[serde(default)]
     pub allow_symlinks_outside_root: bool,
-    /// nginx's `client_max_body_size` (default 1m; 0 = unlimited).
-    pub client_max_body_size: Option<Size>,
-    /// nginx's `client_body_timeout` between two reads (default 60s).
-    pub client_body_timeout: Option<Dur>,
-    /// nginx's `proxy_request_buffering` (default on).
-    pub proxy_request_buffering: Option<bool>,
-    /// nginx's `client_body_buffer_size`: request bodies past it spill to a temp file
-    /// (default 16k).
-    pub client_body_buffer_size: Option<Size>,
-    /// nginx's `proxy_buffering` (default on).
-    pub proxy_buffering: Option<bool>,
-    /// Memory for reading a response ahead (nginx's `proxy_buffers`, default 64k).
-    pub proxy_buffers: Option<Size>,
-    /// nginx's `proxy_max_temp_file_size` (default 1024m; 0 = memory only).
-    pub proxy_max_temp_file_size: Option<Size>,
-    /// Requests handled at once; more are answered 503 (default: no limit).
-    pub max_concurrent_requests: Option<usize>,
-    /// nginx's `proxy_next_upstream` (`["error", "timeout", "http_502", "non_idempotent"]`,
-    /// `[]` = off; default `["error", "timeout"]`).
-    pub next_upstream: Option<Vec<Spanned<String>>>,
-    /// nginx's `proxy_next_upstream_tries` (0 = every server).
-    pub next_upstream_tries: Option<u32>,
-    /// nginx's `proxy_next_upstream_timeout` (0 = unlimited).
-    pub next_upstream_timeout: Option<Dur>,
-    /// Forwarded headers and the real client address.
-    pub forwarded: Option<Spanned<ForwardedCfg>>,
-    /// nginx's `limit_req` lines.
-    pub limit_req: Option<Vec<Spanned<LimitReqCfg>>>,
-    /// nginx's `limit_req_status` (default 503).
-    pub limit_req_status: Option<u16>,
-    /// nginx's `limit_req_dry_run`.
-    pub limit_req_dry_run: Option<bool>,
-    /// nginx's `limit_conn` lines.
-    pub limit_conn: Option<Vec<Spanned<LimitConnCfg>>>,
-    /// nginx's `limit_conn_status` (default 503).
-    pub limit_conn_status: Option<u16>,
-    /// The access log (overrides `[access_log]`); `"off"` disables it.
-    pub access_log: Option<Spanned<AccessLogCfg>>,
     /// nginx's `add_header`; replaces the server's list when set.
     pub add_header: Option<Vec<Spanned<AddHeader>>>,
     /// nginx's `error_page`; replaces the server's list when set.
     pub error_page: Option<Vec<Spanned<ErrorPageCfg>>>,
     /// nginx's `allow`/`deny`; replaces the server's list when set.
     pub access: Option<Vec<Spanned<AccessRule>>>,
+}
 }
 
 /// `tls = { certificate, key }`, `tls = { self_signed = true }` or `tls = { acme = true }`.
