@@ -346,6 +346,12 @@ impl GroupBuilder {
         self
     }
 
+    /// The servers added so far (for DNS discovery, which takes them as fixed ones).
+    #[cfg_attr(not(feature = "dns"), allow(dead_code))]
+    pub(crate) fn servers_mut(&mut self) -> &mut Vec<Server> {
+        &mut self.servers
+    }
+
     /// Check every server actively in a background task (stopped when the group is
     /// dropped). Building then needs a tokio runtime.
     pub fn health_check(mut self, check: HealthCheck) -> Self {
