@@ -240,3 +240,86 @@ async fn fail_modes_when_redis_is_down_and_reconnect() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The Lua step against the local limiter (nginx's arithmetic, on a paused clock) for
+/// random arrival times, rates and bursts: the same admissions and the same delays.
+#[test]
+fn lua_step_matches_the_local_limiter() {
+    use proptest::prelude::*;
+    use proxy_core::limit::{Decision, Rate, ReqLimit, ReqZone};
+    use proxy_core::{ClientInfo, Scheme};
+    use std::num::NonZeroU32;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let redis = Redis::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let zone = rt.block_on(async {
+        RedisZone::builder(&redis.url(), "1r/s".parse().unwrap())
+            .unwrap()
+            .build()
+    });
+    let case = AtomicU64::new(0);
+
+    let config = ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(
+        per_minute in any::<bool>(),
+        n in 1u32..50,
+        burst in 0u32..6,
+        gaps in prop::collection::vec(0u64..700, 1..25),
+    )| {
+        let n = NonZeroU32::new(n).unwrap();
+        let rate = if per_minute { Rate::per_minute(n) } else { Rate::per_second(n) };
+        // The local limiter at each arrival, on a paused clock of its own.
+        let local: Vec<Decision> = {
+            let paused = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            paused.block_on(async {
+                let limit = ReqLimit::new(ReqZone::builder(rate).build()).burst(burst);
+                let mut req = http::Request::new(());
+                req.extensions_mut().insert(ClientInfo::new(
+                    "192.0.2.1:1".parse().unwrap(),
+                    "127.0.0.1:80".parse().unwrap(),
+                    Scheme::Http,
+                ));
+                let mut out = Vec::new();
+                for &gap in &gaps {
+                    tokio::time::advance(Duration::from_millis(gap)).await;
+                    out.push(limit.check(&req));
+                }
+                out
+            })
+        };
+        // The script at the same times, on a key of its own (Redis's state persists).
+        let zone = RedisZone::builder(&redis.url(), rate).unwrap().name("parity").build();
+        let key = case.fetch_add(1, Ordering::SeqCst).to_be_bytes();
+        let remote: Vec<(bool, u64)> = rt.block_on(async {
+            let mut now = 1_000_000u64;
+            let mut out = Vec::new();
+            for &gap in &gaps {
+                now += gap;
+                out.push(zone.step_at(&key, burst, now).await.expect("redis answers"));
+            }
+            out
+        });
+        let milli = rate.milli_per_second();
+        for (l, (admitted, excess)) in local.iter().zip(&remote) {
+            let expected = if *admitted {
+                Decision::Admit { delay: Duration::from_millis(excess * 1000 / milli) }
+            } else {
+                let over = (excess - u64::from(burst) * 1000) * 1000;
+                Decision::Reject { retry_after: Duration::from_millis(over.div_ceil(milli)) }
+            };
+            prop_assert_eq!(*l, expected, "rate {} burst {} gaps {:?}", rate, burst, &gaps);
+        }
+    });
+    drop(zone);
+}

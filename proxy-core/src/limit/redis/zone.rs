@@ -23,11 +23,18 @@ use crate::client_info::client_ip;
 /// `limit/rate.rs` (excess in milli-requests, decayed by `rate·ms/1000`, +1000 per
 /// request, floored at 0; `last` moves only forward), on Redis's own clock so that every
 /// instance shares one time. ARGV: rate (milli-requests/s), burst (milli-requests),
-/// account (1 to store an admitted request, 0 to only look). Returns {admitted, excess}.
+/// account (1 to store an admitted request, 0 to only look), and optionally the time in
+/// ms (tests compare the script with the local limiter at chosen times). Returns
+/// {admitted, excess}.
 /// The key expires once its excess has drained, so Redis holds only active clients.
 const SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now
+if ARGV[4] then
+  now = tonumber(ARGV[4])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local s = redis.call('HMGET', KEYS[1], 'e', 'l')
@@ -337,15 +344,42 @@ impl RedisZone {
     }
 }
 
+impl RedisZone {
+    /// The script's step for `key` (under the zone's prefix) at `now_ms` instead of
+    /// Redis's clock: `Some((admitted, excess))`. For tests comparing the script with
+    /// the local limiter; not for requests.
+    #[doc(hidden)]
+    pub async fn step_at(&self, key: &[u8], burst: u32, now_ms: u64) -> Option<(bool, u64)> {
+        let mut full = self.inner.prefix.to_vec();
+        full.extend_from_slice(key);
+        match self
+            .inner
+            .step_with(&full, u64::from(burst) * 1000, Some(now_ms))
+            .await
+        {
+            Remote::Admit(e) => Some((true, e)),
+            Remote::Reject(e) => Some((false, e)),
+            Remote::Unavailable => None,
+        }
+    }
+}
+
 impl Inner {
     /// The script on the shared connection, within the timeout.
     async fn step(&self, key: &[u8], burst: u64) -> Remote {
+        self.step_with(key, burst, None).await
+    }
+
+    async fn step_with(&self, key: &[u8], burst: u64, now: Option<u64>) -> Remote {
         let Some(mut conn) = self.connection().await else {
             self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
             return Remote::Unavailable;
         };
         let mut call = self.script.key(key);
         call.arg(self.rate.milli_per_second()).arg(burst).arg(1);
+        if let Some(now) = now {
+            call.arg(now);
+        }
         let result: Result<redis::RedisResult<(i64, i64)>, _> =
             tokio::time::timeout(self.timeout, call.invoke_async(&mut conn)).await;
         match result {
