@@ -46,3 +46,9 @@ mod task;
 
 pub use resolve::{Discovery, DiscoveryBuilder, DiscoveryError, DiscoveryStats, Target};
 pub use task::DiscoveryTask;
+
+/// The README section (`docs/scaling.md`), so that its example is compiled by the doc
+/// tests.
+#[cfg(all(doctest, feature = "redis"))]
+#[doc = include_str!("../../../docs/scaling.md")]
+struct ReadmeSection;
