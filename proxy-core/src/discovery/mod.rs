@@ -5,7 +5,7 @@
 //! fixed servers. It resolves them once at start, then again in a background task
 //! ([`DiscoveryTask`]) when the answers' TTL runs out (or on a fixed interval, nginx's
 //! `resolver ... valid=`), and hands every resulting server list to the
-//! [`Group`](crate::balance::Group) with [`Group::set_servers`]: addresses that
+//! [`Group`](crate::balance::Group) with [`Group::set_servers`](crate::balance::Group::set_servers): addresses that
 //! appear become servers with the target's parameters, addresses that disappear are
 //! drained (their in-flight requests finish; no new request goes to them).
 //!
@@ -13,7 +13,7 @@
 //! good addresses and is logged and counted ([`DiscoveryStats::failures`]). An answer
 //! that the name has no address (NXDOMAIN, no records) is an answer: the name's
 //! servers go, unless that would leave the group without a primary server, which
-//! [`Group::set_servers`] refuses (the old set stays, and it is logged).
+//! [`Group::set_servers`](crate::balance::Group::set_servers) refuses (the old set stays, and it is logged).
 //!
 //! The DNS itself is [hickory-resolver](https://docs.rs/hickory-resolver); name servers
 //! come from `/etc/resolv.conf` unless given.
