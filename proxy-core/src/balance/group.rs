@@ -44,7 +44,8 @@ pub struct Group {
     set: ArcSwap<Set>,
     shards: usize,
     epoch: Instant,
-    /// Removed servers that may still have requests in flight (not on the hot path).
+    /// Removed servers that an older set pinned by a request may still reach (not on
+    /// the hot path).
     retired: Mutex<Vec<Arc<Peer>>>,
     /// Dropped with the group: tells the health check task to stop.
     _health: Option<health::Stop>,
@@ -201,6 +202,8 @@ impl Group {
     /// No primary server or more than 65,536 servers: the current set is kept.
     pub fn set_servers(&self, servers: impl IntoIterator<Item = Server>) -> Result<(), GroupError> {
         let servers: Vec<Server> = servers.into_iter().collect();
+        // One writer at a time: the lock is taken before the current set is read.
+        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
         let old = self.set.load_full();
         let unchanged = {
             let mut sorted: Vec<&Server> = servers.iter().collect();
@@ -221,23 +224,30 @@ impl Group {
             Arc::clone(&self.name),
             self.epoch,
         )?;
-        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
-        retired.retain(|p| p.in_flight() > 0 && !new.peers.iter().any(|q| Arc::ptr_eq(p, q)));
-        for p in old.peers.iter() {
-            if p.in_flight() > 0 && !new.peers.iter().any(|q| Arc::ptr_eq(p, q)) {
-                retired.push(Arc::clone(p));
-            }
-        }
+        let kept: std::collections::HashSet<*const Peer> =
+            new.peers.iter().map(Arc::as_ptr).collect();
+        retired.extend(
+            old.peers
+                .iter()
+                .filter(|p| !kept.contains(&Arc::as_ptr(p)))
+                .cloned(),
+        );
         self.set.store(Arc::new(new));
+        drop(old);
+        prune(&mut retired);
         Ok(())
     }
 
     /// Removed servers that still have requests in flight, until those finish.
     pub fn draining(&self) -> Vec<ServerStats> {
         let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
-        retired.retain(|p| p.in_flight() > 0);
+        prune(&mut retired);
         let now = self.now();
-        retired.iter().map(|p| p.stats(now, false)).collect()
+        retired
+            .iter()
+            .filter(|p| p.in_flight() > 0)
+            .map(|p| p.stats(now, false))
+            .collect()
     }
 
     /// Pick a server for a request that already tried the servers in `tried`, and take
@@ -299,6 +309,12 @@ impl Group {
     pub(crate) fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
+}
+
+/// Forget removed servers that no request can reach any more: only this list holds
+/// them (no older set is pinned by a request's `Tried` or `Lease`).
+fn prune(retired: &mut Vec<Arc<Peer>>) {
+    retired.retain(|p| Arc::strong_count(p) > 1 || p.in_flight() > 0);
 }
 
 impl Set {

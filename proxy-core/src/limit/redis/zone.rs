@@ -391,8 +391,17 @@ impl Inner {
                     Remote::Reject(excess)
                 }
             }
-            Ok(Err(e)) => {
+            Ok(Err(e))
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() =>
+            {
                 self.broken(&e.to_string());
+                Remote::Unavailable
+            }
+            Ok(Err(e)) => {
+                // Redis answered with an error (a script or key problem): the
+                // connection is fine; this request gets the fail mode.
+                self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(zone = %self.name, error = %e, "Redis step failed");
                 Remote::Unavailable
             }
             Err(_) => {
