@@ -128,8 +128,10 @@ async fn two_instances_share_one_budget() {
     let (ok, limited, elapsed) = hammer(&[pa.addr, pb.addr], Duration::from_millis(1200)).await;
     // nginx: the burst (5) and the first request pass at once, then one per 100 ms.
     let expected = 6.0 + 10.0 * elapsed.as_secs_f64();
+    // The upper bound is the claim; the lower one only that the budget refills (a
+    // loaded machine may send fewer requests than the rate).
     assert!(
-        f64::from(ok) <= expected + 1.0 && f64::from(ok) >= expected - 2.0,
+        f64::from(ok) <= expected + 1.0 && ok >= 7,
         "admitted {ok} in {elapsed:?}, expected about {expected:.1} (rejected {limited})"
     );
     // Not twice the budget: each instance alone would have admitted about `expected`.
