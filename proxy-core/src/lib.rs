@@ -20,6 +20,8 @@ pub mod balance;
 pub mod body;
 pub mod buffer;
 pub mod client_info;
+#[cfg(feature = "dns")]
+pub mod discovery;
 pub mod error;
 pub mod error_page;
 pub mod forwarded;

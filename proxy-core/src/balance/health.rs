@@ -3,8 +3,10 @@
 //! server each interval and marks a server unhealthy after `fails` consecutive failed
 //! checks, healthy again after `passes` consecutive good ones.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
@@ -13,6 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use crate::balance::group::Group;
+use crate::balance::server::Peer;
 use crate::body::ProxyBody;
 use crate::upstream::{ClientConfig, UpstreamClient, UpstreamTimeouts};
 
@@ -136,22 +139,26 @@ impl Task {
         let client = UpstreamClient::new(config);
         let mut ticker = tokio::time::interval(self.check.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut streaks: Vec<Streak> = Vec::new();
+        // Keyed by address: the group's server set may change between rounds.
+        let mut streaks: HashMap<SocketAddr, Streak> = HashMap::new();
         loop {
             tokio::select! {
                 _ = &mut self.stop => return,
                 _ = ticker.tick() => {}
             }
-            let addrs: Vec<_> = match group.upgrade() {
-                Some(g) => g.peers().iter().map(|p| p.addr).collect(),
+            let peers: Vec<Arc<Peer>> = match group.upgrade() {
+                Some(g) => g.peers().iter().cloned().collect(),
                 None => return,
             };
-            streaks.resize(addrs.len(), Streak::default());
+            streaks.retain(|addr, _| peers.iter().any(|p| p.addr == *addr));
             let mut round = JoinSet::new();
-            for (i, addr) in addrs.into_iter().enumerate() {
+            for peer in peers {
                 let client = client.clone();
                 let check = self.check.clone();
-                round.spawn(async move { (i, probe(&client, addr, &check).await) });
+                round.spawn(async move {
+                    let ok = probe(&client, peer.addr, &check).await;
+                    (peer, ok)
+                });
             }
             let mut results = Vec::with_capacity(streaks.len());
             loop {
@@ -165,23 +172,15 @@ impl Task {
                 }
             }
             let Some(g) = group.upgrade() else { return };
-            for (i, ok) in results {
-                let (Some(streak), Some(peer)) = (streaks.get_mut(i), g.peers().get(i)) else {
-                    continue;
-                };
-                apply(&self.check, streak, peer, ok, g.name());
+            for (peer, ok) in results {
+                let streak = streaks.entry(peer.addr).or_default();
+                apply(&self.check, streak, &peer, ok, g.name());
             }
         }
     }
 }
 
-fn apply(
-    check: &HealthCheck,
-    streak: &mut Streak,
-    peer: &crate::balance::server::Peer,
-    ok: bool,
-    group: &str,
-) {
+fn apply(check: &HealthCheck, streak: &mut Streak, peer: &Peer, ok: bool, group: &str) {
     use std::sync::atomic::Ordering;
     if ok {
         streak.fails = 0;

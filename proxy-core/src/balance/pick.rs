@@ -5,17 +5,21 @@
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
+use crate::balance::group::Set;
 use crate::balance::server::Peer;
 
 /// The servers one request has already tried (nginx's `tried` bitmap), so a retry goes
 /// to another one. Make one with [`Group::tried`](super::Group::tried); groups of up to
-/// 256 servers need no allocation.
+/// 256 servers need no allocation. It holds the server set the request picks from, so
+/// that a set replaced meanwhile does not shift the indices under it.
 #[derive(Debug, Clone)]
 pub struct Tried {
     bits: Bits,
     /// Whether selection moved on to the backup servers (nginx switches `rrp->peers`).
     pub(crate) backup: bool,
+    set: Arc<Set>,
 }
 
 #[derive(Debug, Clone)]
@@ -25,8 +29,8 @@ enum Bits {
 }
 
 impl Tried {
-    pub(crate) fn new(servers: usize) -> Self {
-        let words = servers.div_ceil(64);
+    pub(crate) fn new(set: Arc<Set>) -> Self {
+        let words = set.len().div_ceil(64);
         let bits = if words <= 4 {
             Bits::Inline([0; 4])
         } else {
@@ -35,7 +39,18 @@ impl Tried {
         Tried {
             bits,
             backup: false,
+            set,
         }
+    }
+
+    /// The server set this request picks from.
+    pub(crate) fn set(&self) -> &Arc<Set> {
+        &self.set
+    }
+
+    /// How many servers this request may try at most (nginx's `peer.tries`).
+    pub(crate) fn max_tries(&self) -> usize {
+        self.set.max_tries()
     }
 
     fn words(&self) -> &[u64] {
@@ -66,7 +81,7 @@ impl Tried {
 /// Smooth weighted round-robin: every eligible server adds its effective weight to its
 /// current weight; the highest current weight wins and loses the total.
 pub(crate) fn round_robin(
-    peers: &[Peer],
+    peers: &[Arc<Peer>],
     range: Range<usize>,
     current: &mut [i64],
     tried: &Tried,
@@ -99,7 +114,7 @@ pub(crate) fn round_robin(
 /// (`conns_a * weight_b < conns_b * weight_a`), ties broken by smooth weighted
 /// round-robin among the tied servers.
 pub(crate) fn least_conn(
-    peers: &[Peer],
+    peers: &[Arc<Peer>],
     range: Range<usize>,
     current: &mut [i64],
     tried: &Tried,

@@ -161,6 +161,22 @@ impl Peer {
         }
     }
 
+    /// Whether this state was made for exactly `s` (address and every parameter), so
+    /// that a new server set may keep it.
+    pub(crate) fn configured_as(&self, s: &Server) -> bool {
+        self.addr == s.addr
+            && self.weight == i64::from(s.weight.get())
+            && self.max_fails == s.max_fails
+            && self.fail_timeout == u64::try_from(s.fail_timeout.as_nanos()).unwrap_or(u64::MAX)
+            && self.max_conns == s.max_conns.map_or(0, NonZeroU32::get)
+            && self.backup == s.backup
+    }
+
+    /// Requests in flight to the server now.
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.conns.load(Ordering::Acquire)
+    }
+
     /// Whether the passive accounting currently skips the server (nginx's
     /// `fails >= max_fails && now - checked <= fail_timeout`).
     pub(crate) fn failed(&self, now: u64) -> bool {

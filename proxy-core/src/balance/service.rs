@@ -315,10 +315,10 @@ enum Last {
 async fn run(inner: Arc<Inner>, req: Request) -> Response {
     let group = &inner.group;
     let next = inner.next;
-    let max_tries = next.max_tries(group.max_tries());
     let non_idempotent = is_non_idempotent(req.method());
     let start = Instant::now();
     let mut tried = group.tried();
+    let max_tries = next.max_tries(tried.max_tries());
     let mut last = Last::Nothing;
     let mut pending = Some(req);
     let mut attempt = 0;

@@ -292,6 +292,90 @@ fn group_needs_a_primary() {
     );
 }
 
+fn ports(g: &Group) -> Vec<u16> {
+    g.stats().map(|s| s.addr.port()).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn set_servers_keeps_live_state_and_drains_removed_servers() {
+    let g = group(Policy::RoundRobin, weighted(&[1, 1]));
+    lease_on(&g, 0).unwrap().failure();
+    let held = lease_on(&g, 1).unwrap();
+    assert_eq!(held.addr(), addr(8001));
+    // 8000 stays (with its failure), 8001 goes (a request still on it), 8002 is new.
+    g.set_servers([Server::new(addr(8000)), Server::new(addr(8002))])
+        .unwrap();
+    assert_eq!(ports(&g), [8000, 8002]);
+    assert_eq!(fails(&g, 0), 1);
+    assert_eq!(fails(&g, 1), 0);
+    // The removed server takes no new request but keeps the one it has.
+    assert!((0..10).all(|_| pick(&g).is_some_and(|i| i < 2)));
+    let draining = g.draining();
+    assert_eq!(draining.len(), 1);
+    assert_eq!((draining[0].addr, draining[0].in_flight), (addr(8001), 1));
+    held.success();
+    drop(held);
+    assert!(g.draining().is_empty());
+    assert!(g.stats().all(|s| s.in_flight == 0));
+}
+
+#[test]
+fn set_servers_with_changed_parameters_starts_fresh() {
+    let g = group(Policy::RoundRobin, weighted(&[1, 1]));
+    let held = lease_on(&g, 0).unwrap();
+    g.set_servers([
+        Server::new(addr(8000)).weight(w(3)),
+        Server::new(addr(8001)),
+    ])
+    .unwrap();
+    let stats: Vec<_> = g.stats().map(|s| (s.weight, s.in_flight)).collect();
+    assert_eq!(stats, [(3, 0), (1, 0)]);
+    // The old state of 8000 drains separately.
+    assert_eq!(g.draining().len(), 1);
+    drop(held);
+    assert!(g.draining().is_empty());
+}
+
+#[test]
+fn set_servers_unchanged_keeps_the_round_robin_position() {
+    let g = group(Policy::RoundRobin, weighted(&[5, 1, 1]));
+    let first: Vec<_> = (0..3).map(|_| pick(&g).unwrap()).collect();
+    g.set_servers(weighted(&[5, 1, 1])).unwrap();
+    let rest: Vec<_> = (0..4).map(|_| pick(&g).unwrap()).collect();
+    assert_eq!([first, rest].concat(), [0, 0, 1, 0, 2, 0, 0]);
+}
+
+#[test]
+fn set_servers_without_primary_keeps_the_old_set() {
+    let g = group(Policy::RoundRobin, weighted(&[1, 1]));
+    assert_eq!(
+        g.set_servers([Server::new(addr(1)).backup()]),
+        Err(GroupError::NoPrimary)
+    );
+    assert_eq!(ports(&g), [8000, 8001]);
+    assert_eq!(g.set_servers([]), Err(GroupError::NoPrimary));
+    assert_eq!(ports(&g), [8000, 8001]);
+}
+
+#[test]
+fn a_request_keeps_its_server_set_across_a_change() {
+    let g = group(Policy::RoundRobin, weighted(&[1, 1, 1]));
+    let mut tried = g.tried();
+    let first = g.select(&mut tried).unwrap();
+    // The set shrinks to one server and grows again with another order: the retries
+    // of this request still walk the three servers it started with, never one twice.
+    g.set_servers([Server::new(addr(9000))]).unwrap();
+    let second = g.select(&mut tried).unwrap();
+    let third = g.select(&mut tried).unwrap();
+    let mut seen = [first.addr(), second.addr(), third.addr()].map(|a| a.port());
+    seen.sort();
+    assert_eq!(seen, [8000, 8001, 8002]);
+    assert!(g.select(&mut tried).is_none());
+    // A new request sees the new set.
+    assert_eq!(g.select(&mut g.tried()).unwrap().addr(), addr(9000));
+    assert_eq!(g.max_tries(), 1);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Acquire,
@@ -411,6 +495,36 @@ proptest! {
             prop_assert_eq!(total as usize, held.len());
         }
         drop(held);
+        prop_assert!(g.stats().all(|s| s.in_flight == 0));
+    }
+
+    #[test]
+    fn set_changes_never_lose_an_in_flight_slot(
+        steps in prop::collection::vec((any::<bool>(), prop::collection::vec(0u16..6, 1..5), 0usize..4), 1..30),
+    ) {
+        let g = group(Policy::LeastConn, weighted(&[1, 1]));
+        let mut held: Vec<Lease> = Vec::new();
+        for (change, ports, acquire) in steps {
+            if change {
+                let list: Vec<Server> = ports.iter().map(|&p| Server::new(addr(8000 + p))).collect();
+                g.set_servers(list).unwrap();
+            }
+            let current = self::ports(&g);
+            for _ in 0..acquire {
+                if let Some(l) = g.select(&mut g.tried()) {
+                    // New requests go to servers of the current set only.
+                    prop_assert!(current.contains(&l.addr().port()));
+                    held.push(l);
+                }
+            }
+            if held.len() > 3 {
+                held.remove(0);
+            }
+            let total: u32 = g.stats().chain(g.draining()).map(|s| s.in_flight).sum();
+            prop_assert_eq!(total as usize, held.len());
+        }
+        drop(held);
+        prop_assert!(g.draining().is_empty());
         prop_assert!(g.stats().all(|s| s.in_flight == 0));
     }
 }

@@ -67,6 +67,8 @@ mod rate;
 mod zone;
 
 pub mod conn;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod req;
 
 pub use conn::{LimitConnLayer, LimitConnStatus};
