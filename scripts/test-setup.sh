@@ -19,3 +19,14 @@ if ! command -v pebble >/dev/null 2>&1; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble >/dev/null
 fi
+
+# redis-server, for the rate-limit zone shared through Redis (proxy-core/tests/limit_redis.rs).
+if ! command -v redis-server >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+
+# Let a closing SO_REUSEPORT listener hand its queued connections to the other processes
+# on the port (Linux >= 5.14), for the graceful-restart test of two instances. Best effort:
+# the test reports honestly when the kernel or the sandbox does not allow it.
+sysctl -qw net.ipv4.tcp_migrate_req=1 2>/dev/null || true
