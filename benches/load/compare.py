@@ -162,7 +162,8 @@ def upstream_conf(work, port):
     d, temps = nginx_common(work, "upstream")
     with open(os.path.join(d, "64k"), "wb") as f:
         f.write(b"x" * 65536)
-    return f"""worker_processes 1;
+    return f"""user root;
+worker_processes 1;
 daemon off;
 pid {d}/nginx.pid;
 error_log {d}/error.log;
@@ -183,7 +184,8 @@ http {{
 def nginx_conf(work, port, tls_port, upstream, cert, key, callgrind=False):
     d, temps = nginx_common(work, "nginx")
     head = "master_process off;\n" if callgrind else ""
-    return f"""{head}worker_processes {WORKERS};
+    return f"""{head}user root;
+worker_processes {WORKERS};
 daemon off;
 pid {d}/nginx.pid;
 error_log {d}/error.log;
