@@ -27,6 +27,12 @@ const ALWAYS: [&str; 2] = ["keep-alive", "proxy-connection"];
 /// Remove every hop-by-hop header from `headers`. With `keep_upgrade`, `Upgrade` and a
 /// `Connection: upgrade` survive (the caller is proxying an upgrade).
 pub fn strip(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry no hop-by-hop header at all. One pass over the names (pointer
+    // and length compares, no hashing) is far cheaper than the eight removals below,
+    // each of which hashes its name; the removals run only when one is present.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Collect the names every Connection line lists before removing anything. The common
     // case (no Connection header at all, or only close/keep-alive) allocates nothing.
     if headers.contains_key(CONNECTION) {
@@ -60,6 +66,17 @@ pub fn strip(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(UPGRADE);
     }
+}
+
+/// Whether `name` is one of the headers [`strip`] always considers (those a `Connection`
+/// header names are only removed when a `Connection` header is present).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == TE
+        || name == TRAILER
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || ALWAYS.iter().any(|a| name.as_str() == *a)
 }
 
 /// The comma-separated tokens of one `Connection` header value, trimmed, empty ones

@@ -101,10 +101,23 @@ impl UpstreamClient {
     pub async fn send_with(
         &self,
         addr: SocketAddr,
+        req: Request,
+        timeouts: &UpstreamTimeouts,
+    ) -> Result<Response, Error> {
+        let authority = authority_of(addr)?;
+        self.send_to(addr, &authority, req, timeouts).await
+    }
+
+    /// [`send_with`](Self::send_with) with `addr`'s authority (`IP:PORT`) already made,
+    /// so a caller that sends to one address many times formats it once, not per request.
+    pub(crate) async fn send_to(
+        &self,
+        addr: SocketAddr,
+        authority: &Authority,
         mut req: Request,
         timeouts: &UpstreamTimeouts,
     ) -> Result<Response, Error> {
-        let upgrade = self.prepare(addr, &mut req)?;
+        let upgrade = self.prepare(authority, &mut req)?;
         // Take the client side of a possible upgrade before the request is consumed. Its
         // upgraded stream only exists after we answered 101, so no byte the client sent
         // after its upgrade request can reach the upstream before the upstream agreed.
@@ -158,7 +171,7 @@ impl UpstreamClient {
     }
 
     /// Rewrite `req` for the upstream hop; returns whether an upgrade is being proxied.
-    fn prepare(&self, addr: SocketAddr, req: &mut Request) -> Result<bool, Error> {
+    fn prepare(&self, upstream: &Authority, req: &mut Request) -> Result<bool, Error> {
         // Host: as the client sent it; an absolute-form target (or HTTP/2 :authority)
         // replaces it (RFC 9112 §3.2.2).
         let authority = req.uri().authority().cloned();
@@ -176,7 +189,7 @@ impl UpstreamClient {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(UriScheme::HTTP);
-        parts.authority = Some(authority_of(addr)?);
+        parts.authority = Some(upstream.clone());
         parts.path_and_query = Some(pq);
         *req.uri_mut() =
             Uri::from_parts(parts).map_err(|e| Error::with_source(Kind::BadRequest, e))?;
@@ -201,7 +214,8 @@ impl UpstreamClient {
     }
 }
 
-fn authority_of(addr: SocketAddr) -> Result<Authority, Error> {
+/// `IP:PORT` as a URI authority (the upstream client's pool key).
+pub(crate) fn authority_of(addr: SocketAddr) -> Result<Authority, Error> {
     Authority::try_from(addr.to_string()).map_err(|e| Error::with_source(Kind::Internal, e))
 }
 

@@ -4,10 +4,14 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+
+use http::uri::Authority;
 
 use crate::body::{Request, Response};
 use crate::response;
+use crate::upstream::client::authority_of;
 use crate::upstream::{UpstreamClient, UpstreamTimeouts};
 
 /// Proxies each request to one fixed upstream address through a pooled
@@ -25,8 +29,18 @@ use crate::upstream::{UpstreamClient, UpstreamTimeouts};
 /// ```
 #[derive(Clone, Debug)]
 pub struct Forward {
+    // One allocation shared by every clone: a clone per request is one reference count,
+    // not a copy of the client and its configuration.
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     client: UpstreamClient,
     addr: SocketAddr,
+    /// `addr` formatted once as the upstream URI's authority; `None` only if that failed,
+    /// and then every request fails the same way through `send_with`.
+    authority: Option<Authority>,
     timeouts: UpstreamTimeouts,
 }
 
@@ -38,16 +52,26 @@ impl Forward {
             idle_timeout: client.config().read_timeout,
         };
         Forward {
-            client,
-            addr,
-            timeouts,
+            inner: Arc::new(Inner {
+                client,
+                addr,
+                authority: authority_of(addr).ok(),
+                timeouts,
+            }),
         }
     }
 
     /// Use these read and upgraded-connection timeouts instead.
-    pub fn with_timeouts(mut self, timeouts: UpstreamTimeouts) -> Self {
-        self.timeouts = timeouts;
-        self
+    pub fn with_timeouts(self, timeouts: UpstreamTimeouts) -> Self {
+        let inner = &self.inner;
+        Forward {
+            inner: Arc::new(Inner {
+                client: inner.client.clone(),
+                addr: inner.addr,
+                authority: inner.authority.clone(),
+                timeouts,
+            }),
+        }
     }
 }
 
@@ -61,13 +85,23 @@ impl tower_service::Service<Request> for Forward {
     }
 
     fn call(&mut self, req: Request) -> ResponseFuture {
-        let this = self.clone();
+        let this = self.inner.clone();
         ResponseFuture {
             inner: Box::pin(async move {
-                match this.client.send_with(this.addr, req, &this.timeouts).await {
+                let Inner {
+                    client,
+                    addr,
+                    authority,
+                    timeouts,
+                } = &*this;
+                let sent = match authority {
+                    Some(a) => client.send_to(*addr, a, req, timeouts).await,
+                    None => client.send_with(*addr, req, timeouts).await,
+                };
+                match sent {
                     Ok(resp) => resp,
                     Err(e) => {
-                        tracing::warn!(upstream = %this.addr, error = %e, "upstream request failed");
+                        tracing::warn!(upstream = %addr, error = %e, "upstream request failed");
                         response::from_error(e)
                     }
                 }
