@@ -37,10 +37,10 @@ fn main() {
         let acceptor = TlsAcceptor::builder(store).build().expect("acceptor");
         let forward = Forward::new(UpstreamClient::new(ClientConfig::default()), upstream);
         let router = Router::builder()
-            .server(
-                VirtualServer::new([])
-                    .location(Location::new(Pattern::parse("/").expect("pattern"), forward)),
-            )
+            .server(VirtualServer::new([]).location(Location::new(
+                Pattern::parse("/").expect("pattern"),
+                forward,
+            )))
             .build()
             .expect("router");
         let mut http = HttpConfig::default();

@@ -366,7 +366,11 @@ impl Router {
             },
         };
         let no_host = host_text.is_none();
-        let Some(server) = self.inner.servers.get(self.server_for(host_text.as_deref())) else {
+        let Some(server) = self
+            .inner
+            .servers
+            .get(self.server_for(host_text.as_deref()))
+        else {
             return Err(Refusal::NotFound);
         };
         if no_host {

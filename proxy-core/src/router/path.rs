@@ -155,7 +155,10 @@ mod tests {
             assert!(matches!(normalize_path_cow(p), Ok(Cow::Borrowed(_))), "{p}");
         }
         for p in ["//", "/a//b", "/a/./b", "/a/..", "/a/.", "/%41", ""] {
-            assert!(!matches!(normalize_path_cow(p), Ok(Cow::Borrowed(_))), "{p}");
+            assert!(
+                !matches!(normalize_path_cow(p), Ok(Cow::Borrowed(_))),
+                "{p}"
+            );
         }
     }
 

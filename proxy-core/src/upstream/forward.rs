@@ -7,11 +7,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::uri::Authority;
-
 use crate::body::{Request, Response};
 use crate::response;
-use crate::upstream::client::authority_of;
+use crate::upstream::pool::Endpoint;
 use crate::upstream::{UpstreamClient, UpstreamTimeouts};
 
 /// Proxies each request to one fixed upstream address through a pooled
@@ -38,9 +36,10 @@ pub struct Forward {
 struct Inner {
     client: UpstreamClient,
     addr: SocketAddr,
-    /// `addr` formatted once as the upstream URI's authority; `None` only if that failed,
-    /// and then every request fails the same way through `send_with`.
-    authority: Option<Authority>,
+    /// `addr`'s pool endpoint (its idle connections and authority), looked up once;
+    /// `None` only if that failed, and then every request fails the same way through
+    /// `send_with`.
+    endpoint: Option<Arc<Endpoint>>,
     timeouts: UpstreamTimeouts,
 }
 
@@ -53,9 +52,9 @@ impl Forward {
         };
         Forward {
             inner: Arc::new(Inner {
+                endpoint: client.endpoint(addr).ok(),
                 client,
                 addr,
-                authority: authority_of(addr).ok(),
                 timeouts,
             }),
         }
@@ -68,7 +67,7 @@ impl Forward {
             inner: Arc::new(Inner {
                 client: inner.client.clone(),
                 addr: inner.addr,
-                authority: inner.authority.clone(),
+                endpoint: inner.endpoint.clone(),
                 timeouts,
             }),
         }
@@ -91,11 +90,11 @@ impl tower_service::Service<Request> for Forward {
                 let Inner {
                     client,
                     addr,
-                    authority,
+                    endpoint,
                     timeouts,
                 } = &*this;
-                let sent = match authority {
-                    Some(a) => client.send_to(*addr, a, req, timeouts).await,
+                let sent = match endpoint {
+                    Some(ep) => client.send_to(ep, req, timeouts).await,
                     None => client.send_with(*addr, req, timeouts).await,
                 };
                 match sent {
