@@ -71,7 +71,7 @@ impl UpstreamClient {
     /// The pool's endpoint for `addr`, for callers that send there many times
     /// ([`Forward`](super::Forward)) and so look it up once.
     pub(crate) fn endpoint(&self, addr: SocketAddr) -> Result<Arc<Endpoint>, Error> {
-        Ok(self.pool.endpoint(addr, &authority_of(addr)?))
+        self.pool.endpoint(addr, || authority_of(addr))
     }
 
     /// The configuration this client was built with.

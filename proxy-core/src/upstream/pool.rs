@@ -66,28 +66,35 @@ impl Pool {
         }
     }
 
-    /// The endpoint of `addr`, created on first use. Keep it to skip this lookup.
-    pub(crate) fn endpoint(&self, addr: SocketAddr, authority: &Authority) -> Arc<Endpoint> {
+    /// The endpoint of `addr`, created on first use (`authority` is only called then).
+    /// Keep it to skip this lookup.
+    pub(crate) fn endpoint<E>(
+        &self,
+        addr: SocketAddr,
+        authority: impl FnOnce() -> Result<Authority, E>,
+    ) -> Result<Arc<Endpoint>, E> {
         if let Some(e) = self
             .endpoints
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&addr)
         {
-            return e.clone();
+            return Ok(e.clone());
         }
-        self.endpoints
+        let authority = authority()?;
+        Ok(self
+            .endpoints
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(addr)
             .or_insert_with(|| {
                 Arc::new(Endpoint {
                     addr,
-                    authority: authority.clone(),
+                    authority,
                     idle: Mutex::new(Vec::new()),
                 })
             })
-            .clone()
+            .clone())
     }
 
     /// Send `req` on an idle connection of `ep`, or a new one. A request that an idle
@@ -247,7 +254,8 @@ mod tests {
     }
 
     fn endpoint(pool: &Pool, addr: SocketAddr) -> Arc<Endpoint> {
-        pool.endpoint(addr, &Authority::try_from(addr.to_string()).unwrap())
+        pool.endpoint(addr, || Authority::try_from(addr.to_string()))
+            .unwrap()
     }
 
     /// Wait (bounded) until the endpoint holds `n` idle connections.
