@@ -24,17 +24,36 @@ use http::header::{HeaderMap, HeaderName, CONNECTION, TE, TRAILER, TRANSFER_ENCO
 /// The hop-by-hop headers that are always removed, besides those `Connection` names.
 const ALWAYS: [&str; 2] = ["keep-alive", "proxy-connection"];
 
+// One bit per fixed hop-by-hop header, for the single pass over the names in `strip`.
+const B_CONNECTION: u8 = 1;
+const B_KEEP_ALIVE: u8 = 1 << 1;
+const B_PROXY_CONNECTION: u8 = 1 << 2;
+const B_TE: u8 = 1 << 3;
+const B_TRAILER: u8 = 1 << 4;
+const B_TRANSFER_ENCODING: u8 = 1 << 5;
+const B_UPGRADE: u8 = 1 << 6;
+
 /// Remove every hop-by-hop header from `headers`. With `keep_upgrade`, `Upgrade` and a
 /// `Connection: upgrade` survive (the caller is proxying an upgrade).
 pub fn strip(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Collect the names every Connection line lists before removing anything. The common
-    // case (no Connection header at all, or only close/keep-alive) allocates nothing.
-    if headers.contains_key(CONNECTION) {
+    // One pass over the names (compares, no hashing) finds which fixed hop-by-hop headers
+    // are present; only those are removed, each removal hashing its name once. Most
+    // messages carry none or only `Connection`, where this is several times cheaper
+    // than trying all eight removals.
+    let found = headers.keys().fold(0, |acc, name| acc | hop_bit(name));
+    if found == 0 {
+        return;
+    }
+    if found & B_CONNECTION != 0 {
         let mut named: Vec<HeaderName> = Vec::new();
         for value in headers.get_all(CONNECTION) {
             let Ok(value) = value.to_str() else { continue };
             for token in connection_tokens(value) {
                 if keep_upgrade && token.eq_ignore_ascii_case("upgrade") {
+                    continue;
+                }
+                // `close` names no header; the fixed ones are handled by their bits below.
+                if token.eq_ignore_ascii_case("close") || fixed_hop_token(token) {
                     continue;
                 }
                 if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
@@ -47,19 +66,64 @@ pub fn strip(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(name);
         }
     }
-    for name in ALWAYS {
-        headers.remove(name);
+    if found & B_KEEP_ALIVE != 0 {
+        headers.remove(ALWAYS[0]);
     }
-    headers.remove(TE);
-    headers.remove(TRAILER);
-    headers.remove(TRANSFER_ENCODING);
+    if found & B_PROXY_CONNECTION != 0 {
+        headers.remove(ALWAYS[1]);
+    }
+    if found & B_TE != 0 {
+        headers.remove(TE);
+    }
+    if found & B_TRAILER != 0 {
+        headers.remove(TRAILER);
+    }
+    if found & B_TRANSFER_ENCODING != 0 {
+        headers.remove(TRANSFER_ENCODING);
+    }
     if keep_upgrade {
-        if headers.contains_key(UPGRADE) {
+        if found & B_UPGRADE != 0 {
             headers.insert(CONNECTION, http::HeaderValue::from_static("upgrade"));
         }
-    } else {
+    } else if found & B_UPGRADE != 0 {
         headers.remove(UPGRADE);
     }
+}
+
+/// The bit of `name` if it is one of the fixed hop-by-hop headers, else 0.
+fn hop_bit(name: &HeaderName) -> u8 {
+    if name == CONNECTION {
+        B_CONNECTION
+    } else if name == TE {
+        B_TE
+    } else if name == TRAILER {
+        B_TRAILER
+    } else if name == TRANSFER_ENCODING {
+        B_TRANSFER_ENCODING
+    } else if name == UPGRADE {
+        B_UPGRADE
+    } else if name.as_str() == ALWAYS[0] {
+        B_KEEP_ALIVE
+    } else if name.as_str() == ALWAYS[1] {
+        B_PROXY_CONNECTION
+    } else {
+        0
+    }
+}
+
+/// Whether a `Connection` token names one of the fixed hop-by-hop headers.
+fn fixed_hop_token(token: &str) -> bool {
+    [
+        "connection",
+        ALWAYS[0],
+        ALWAYS[1],
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| token.eq_ignore_ascii_case(h))
 }
 
 /// The comma-separated tokens of one `Connection` header value, trimmed, empty ones
@@ -109,7 +173,55 @@ mod tests {
         assert_eq!(t, ["a", "b", "c"]);
     }
 
+    /// The definition, written the slow way: what `strip` must keep.
+    fn reference(headers: &HeaderMap, keep_upgrade: bool) -> HeaderMap {
+        let mut named: Vec<String> = Vec::new();
+        for v in headers.get_all(CONNECTION) {
+            if let Ok(v) = v.to_str() {
+                named.extend(connection_tokens(v).map(|t| t.to_ascii_lowercase()));
+            }
+        }
+        let mut out = HeaderMap::new();
+        for (name, value) in headers {
+            let n = name.as_str();
+            let upgrade_kept = keep_upgrade && n == "upgrade";
+            let hop = n == "connection"
+                || ALWAYS.contains(&n)
+                || ["te", "trailer", "transfer-encoding", "upgrade"].contains(&n)
+                || named.iter().any(|t| t == n);
+            if !hop || upgrade_kept {
+                out.append(name.clone(), value.clone());
+            }
+        }
+        if keep_upgrade && out.contains_key(UPGRADE) {
+            out.insert(CONNECTION, http::HeaderValue::from_static("upgrade"));
+        }
+        out
+    }
+
     proptest::proptest! {
+        #[test]
+        fn matches_the_definition(
+            headers in proptest::collection::vec((
+                proptest::sample::select(vec![
+                    "connection", "keep-alive", "proxy-connection", "te", "trailer",
+                    "transfer-encoding", "upgrade", "x-a", "x-b", "host", "accept",
+                ]),
+                proptest::sample::select(vec![
+                    "close", "keep-alive", "Upgrade", "x-a", "X-B, te", "x-a, , upgrade", "1",
+                ]),
+            ), 0..8),
+            keep_upgrade: bool,
+        ) {
+            let mut h = HeaderMap::new();
+            for (n, v) in headers {
+                h.append(n, http::HeaderValue::from_static(v));
+            }
+            let want = reference(&h, keep_upgrade);
+            strip(&mut h, keep_upgrade);
+            proptest::prop_assert_eq!(h, want);
+        }
+
         #[test]
         fn never_panics(v in "\\PC*") {
             let mut h = HeaderMap::new();

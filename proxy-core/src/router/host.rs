@@ -1,5 +1,7 @@
 //! Virtual server names: exact names, `*.example.com` and `example.*` wildcards.
 
+use std::borrow::Cow;
+
 /// One `server_name` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerName {
@@ -60,6 +62,12 @@ impl ServerName {
 /// assert_eq!(host_of("a b"), None);
 /// ```
 pub fn host_of(value: &str) -> Option<String> {
+    host_of_cow(value).map(Cow::into_owned)
+}
+
+/// [`host_of`] that borrows from `value` when the host is already lowercase without a
+/// trailing dot (nearly always), so routing allocates nothing for it.
+pub(crate) fn host_of_cow(value: &str) -> Option<Cow<'_, str>> {
     let (host, port) = if value.starts_with('[') {
         let end = value.find(']')?;
         let rest = &value[end + 1..];
@@ -80,8 +88,13 @@ pub fn host_of(value: &str) -> Option<String> {
         && host.bytes().all(|b| {
             b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':')
         });
-    valid.then(|| {
-        let h = host.strip_suffix('.').unwrap_or(host);
-        h.to_ascii_lowercase()
+    if !valid {
+        return None;
+    }
+    let h = host.strip_suffix('.').unwrap_or(host);
+    Some(if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(h)
     })
 }

@@ -136,8 +136,11 @@ impl Locations {
 
     /// The index of the location that handles `path` (already normalised).
     pub fn find(&self, path: &str) -> Option<usize> {
-        if let Some(&i) = self.exact.get(path) {
-            return Some(i);
+        // An empty map still hashes the key: skip it when there are no exact locations.
+        if !self.exact.is_empty() {
+            if let Some(&i) = self.exact.get(path) {
+                return Some(i);
+            }
         }
         let prefix = self
             .prefixes

@@ -26,6 +26,7 @@ mod host;
 mod location;
 mod path;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -37,8 +38,10 @@ use tower::util::{BoxCloneSyncService, Oneshot};
 use tower::ServiceExt;
 
 pub use actions::{Redirect, Return};
+use host::host_of_cow;
 pub use host::{host_of, ServerName};
 pub use location::{Locations, Pattern};
+use path::normalize_path_cow;
 pub use path::{normalize_path, PathError};
 
 use crate::body::{Request, Response};
@@ -318,6 +321,10 @@ impl Router {
         let Some(host) = host else {
             return self.inner.default;
         };
+        // One server (the usual deployment) takes every request: skip hashing the name.
+        if self.inner.servers.len() == 1 {
+            return 0;
+        }
         if let Some(&i) = self.inner.exact.get(host) {
             return i;
         }
@@ -356,16 +363,23 @@ impl Router {
             return Err(bad());
         }
         // The authority of an absolute-form target (or HTTP/2 :authority) wins over Host.
-        let host_text: Option<String> = match req.uri().authority() {
-            Some(a) => Some(host_of(a.as_str()).ok_or_else(bad)?),
+        let host_text: Option<Cow<'_, str>> = match req.uri().authority() {
+            Some(a) => Some(host_of_cow(a.as_str()).ok_or_else(bad)?),
             None => match req.headers().get(HOST) {
-                Some(v) => Some(host_of(v.to_str().map_err(|_| bad())?).ok_or_else(bad)?),
+                Some(v) => Some(host_of_cow(v.to_str().map_err(|_| bad())?).ok_or_else(bad)?),
                 None if req.version() == Version::HTTP_11 => return Err(bad()),
                 None => None,
             },
         };
-        let server = &self.inner.servers[self.server_for(host_text.as_deref())];
-        if host_text.is_none() {
+        let no_host = host_text.is_none();
+        let Some(server) = self
+            .inner
+            .servers
+            .get(self.server_for(host_text.as_deref()))
+        else {
+            return Err(Refusal::NotFound);
+        };
+        if no_host {
             // An HTTP/1.0 request without Host gets the server's name, or the listener's
             // address, so the upstream still sees one.
             let value = server.host_value.clone().or_else(|| {
@@ -386,7 +400,7 @@ impl Router {
                 None => Err(Refusal::MethodNotAllowed),
             };
         }
-        let path = normalize_path(req.uri().path()).map_err(|_| bad())?;
+        let path = normalize_path_cow(req.uri().path()).map_err(|_| bad())?;
         let i = server.matcher.find(&path).ok_or(Refusal::NotFound)?;
         let (Some(loc), Some(route)) = (server.locations.get(i), server.routes.get(i)) else {
             return Err(Refusal::NotFound);

@@ -2,6 +2,8 @@
 //! slashes, `.` and `..` segments resolved. Matching on the normalised path is what makes
 //! `location ~* \.env$ { deny all; }` hold against `/%2eenv` or `/a/../.env`.
 
+use std::borrow::Cow;
+
 /// Why a path cannot be routed (the client gets a 400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {
@@ -25,6 +27,40 @@ pub enum PathError {
 /// assert!(normalize_path("/a%00b").is_err());
 /// ```
 pub fn normalize_path(path: &str) -> Result<String, PathError> {
+    normalize_path_cow(path).map(Cow::into_owned)
+}
+
+/// [`normalize_path`] that borrows `path` when it is already normal: no `%`, no empty,
+/// `.` or `..` segment. That is nearly every real request, and then routing allocates
+/// nothing for the path.
+pub(crate) fn normalize_path_cow(path: &str) -> Result<Cow<'_, str>, PathError> {
+    if is_normal(path.as_bytes()) {
+        return Ok(Cow::Borrowed(path));
+    }
+    normalize_slow(path).map(Cow::Owned)
+}
+
+/// Starts with `/`, and has no `%` (so nothing to decode, and no NUL), no `//`, and no
+/// segment that is `.` or `..`.
+fn is_normal(bytes: &[u8]) -> bool {
+    if bytes.first() != Some(&b'/') || bytes.contains(&b'%') {
+        return false;
+    }
+    // Every segment, including the empty one after a trailing slash, is the text between
+    // two slashes; only the last may be empty.
+    let mut segments = bytes[1..].split(|c| *c == b'/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        match seg {
+            b"" if !last => return false,
+            b"." | b".." => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
+fn normalize_slow(path: &str) -> Result<String, PathError> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
@@ -113,7 +149,28 @@ mod tests {
         assert_eq!(normalize_path("/%2e%2e/"), Err(PathError::AboveRoot));
     }
 
+    #[test]
+    fn normal_paths_are_borrowed() {
+        for p in ["/", "/a", "/a/", "/a/b.c/d", "/.env", "/a/...", "/a/.b"] {
+            assert!(matches!(normalize_path_cow(p), Ok(Cow::Borrowed(_))), "{p}");
+        }
+        for p in ["//", "/a//b", "/a/./b", "/a/..", "/a/.", "/%41", ""] {
+            assert!(
+                !matches!(normalize_path_cow(p), Ok(Cow::Borrowed(_))),
+                "{p}"
+            );
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn fast_path_agrees_with_full_normalisation(p in "[a-z./%0-9A-F]{0,40}") {
+            proptest::prop_assert_eq!(
+                normalize_path_cow(&p).map(Cow::into_owned),
+                normalize_slow(&p)
+            );
+        }
+
         #[test]
         fn never_panics_and_is_idempotent(p in "/[a-z./%0-9A-F]{0,40}") {
             if let Ok(n) = normalize_path(&p) {

@@ -5,16 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderValue, CONTENT_LENGTH, HOST, UPGRADE};
-use http::uri::{Authority, PathAndQuery, Scheme as UriScheme, Uri};
+use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Method, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::access_log::UpstreamInfo;
 use crate::body::{ProxyBody, Request, Response};
 use crate::error::{Error, Kind};
 use crate::hop;
+use crate::upstream::pool::{Endpoint, Pool, SendError};
 use crate::upstream::tunnel::{self, UpstreamTimeouts};
 
 /// How the [`UpstreamClient`] connects and pools.
@@ -53,28 +51,28 @@ impl Default for ClientConfig {
 /// A pooled HTTP/1.1 client for upstream servers. Cheap to clone: clones share the pool.
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    inner: Client<HttpConnector, ProxyBody>,
+    pool: Arc<Pool>,
     config: Arc<ClientConfig>,
 }
 
 impl UpstreamClient {
     /// A client with its own connection pool.
     pub fn new(config: ClientConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.enforce_http(true);
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_max_idle_per_host(config.keepalive)
-            .pool_idle_timeout(config.keepalive_timeout)
-            .retry_canceled_requests(true)
-            .set_host(false)
-            .build(connector);
+        let pool = Pool::new(
+            config.keepalive,
+            config.keepalive_timeout,
+            config.connect_timeout,
+        );
         UpstreamClient {
-            inner,
+            pool: Arc::new(pool),
             config: Arc::new(config),
         }
+    }
+
+    /// The pool's endpoint for `addr`, for callers that send there many times
+    /// ([`Forward`](super::Forward)) and so look it up once.
+    pub(crate) fn endpoint(&self, addr: SocketAddr) -> Result<Arc<Endpoint>, Error> {
+        self.pool.endpoint(addr, || authority_of(addr))
     }
 
     /// The configuration this client was built with.
@@ -102,10 +100,22 @@ impl UpstreamClient {
     pub async fn send_with(
         &self,
         addr: SocketAddr,
+        req: Request,
+        timeouts: &UpstreamTimeouts,
+    ) -> Result<Response, Error> {
+        let endpoint = self.endpoint(addr)?;
+        self.send_to(&endpoint, req, timeouts).await
+    }
+
+    /// [`send_with`](Self::send_with) to an endpoint already looked up.
+    pub(crate) async fn send_to(
+        &self,
+        endpoint: &Arc<Endpoint>,
         mut req: Request,
         timeouts: &UpstreamTimeouts,
     ) -> Result<Response, Error> {
-        let upgrade = self.prepare(addr, &mut req)?;
+        let addr = endpoint.addr();
+        let upgrade = self.prepare(endpoint.authority(), &mut req)?;
         // Take the client side of a possible upgrade before the request is consumed. Its
         // upgraded stream only exists after we answered 101, so no byte the client sent
         // after its upgrade request can reach the upstream before the upstream agreed.
@@ -116,11 +126,11 @@ impl UpstreamClient {
         };
         let retry = retry_template(&req);
         let started = tokio::time::Instant::now();
-        let first = self.send_once(req, timeouts.read_timeout).await;
+        let first = self.send_once(endpoint, req, timeouts.read_timeout).await;
         let resp = match (first, retry) {
             (Err(e), Some(again)) if is_stale_connection(&e) => {
                 tracing::debug!(%addr, error = ?e, "retrying on a fresh upstream connection");
-                self.send_once(again, timeouts.read_timeout)
+                self.send_once(endpoint, again, timeouts.read_timeout)
                     .await
                     .map_err(map_error)?
             }
@@ -153,17 +163,18 @@ impl UpstreamClient {
 
     async fn send_once(
         &self,
+        endpoint: &Arc<Endpoint>,
         req: Request,
         read_timeout: Duration,
     ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
-        match tokio::time::timeout(read_timeout, self.inner.request(req)).await {
-            Ok(r) => r.map_err(ClientError::Client),
+        match tokio::time::timeout(read_timeout, self.pool.send(endpoint, req)).await {
+            Ok(r) => r.map_err(ClientError::Send),
             Err(_) => Err(ClientError::Timeout),
         }
     }
 
     /// Rewrite `req` for the upstream hop; returns whether an upgrade is being proxied.
-    fn prepare(&self, addr: SocketAddr, req: &mut Request) -> Result<bool, Error> {
+    fn prepare(&self, upstream: &Authority, req: &mut Request) -> Result<bool, Error> {
         // Host: as the client sent it; an absolute-form target (or HTTP/2 :authority)
         // replaces it (RFC 9112 §3.2.2).
         let authority = req.uri().authority().cloned();
@@ -182,17 +193,30 @@ impl UpstreamClient {
                     .insert(CONTENT_LENGTH, HeaderValue::from(n));
             }
         }
-        let pq = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(UriScheme::HTTP);
-        parts.authority = Some(authority_of(addr)?);
-        parts.path_and_query = Some(pq);
-        *req.uri_mut() =
-            Uri::from_parts(parts).map_err(|e| Error::with_source(Kind::BadRequest, e))?;
+        // The target goes upstream in origin form (`/path?query`; an absolute-form target
+        // with no path becomes `/`); CONNECT in authority form, naming the upstream, as
+        // the pooled client always sent it.
+        *req.uri_mut() = if req.method() == Method::CONNECT {
+            Uri::from(upstream.clone())
+        } else if req.uri().scheme().is_none() && req.uri().authority().is_none() {
+            // Origin form already: keep it byte for byte.
+            Uri::from(
+                req.uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            )
+        } else {
+            // Absolute form (rare): rebuild `/path?query` from its parts, since an
+            // absolute URI may store an empty path it only displays as `/`.
+            let target = match req.uri().query() {
+                Some(q) => format!("{}?{q}", req.uri().path()),
+                None => req.uri().path().to_owned(),
+            };
+            let pq = PathAndQuery::try_from(target)
+                .map_err(|e| Error::with_source(Kind::BadRequest, e))?;
+            Uri::from(pq)
+        };
         *req.version_mut() = Version::HTTP_11;
         Ok(upgrade)
     }
@@ -214,7 +238,8 @@ impl UpstreamClient {
     }
 }
 
-fn authority_of(addr: SocketAddr) -> Result<Authority, Error> {
+/// `IP:PORT` as a URI authority (the upstream client's pool key).
+pub(crate) fn authority_of(addr: SocketAddr) -> Result<Authority, Error> {
     Authority::try_from(addr.to_string()).map_err(|e| Error::with_source(Kind::Internal, e))
 }
 
@@ -237,25 +262,20 @@ fn retry_template(req: &Request) -> Option<Request> {
 
 #[derive(Debug)]
 enum ClientError {
-    Client(hyper_util::client::legacy::Error),
+    Send(SendError),
     Timeout,
 }
 
 /// Whether the upstream closed or reset the connection before any response byte: what a
 /// pooled connection that the backend timed out at the same moment looks like.
 fn is_stale_connection(e: &ClientError) -> bool {
-    let ClientError::Client(e) = e else {
+    let ClientError::Send(SendError::Http(error)) = e else {
         return false;
     };
-    if e.is_connect() {
-        return false;
+    if error.is_incomplete_message() || error.is_canceled() {
+        return true;
     }
-    if let Some(h) = find_source::<hyper::Error>(e) {
-        if h.is_incomplete_message() || h.is_canceled() {
-            return true;
-        }
-    }
-    find_source::<std::io::Error>(e).is_some_and(|io| {
+    find_source::<std::io::Error>(error).is_some_and(|io| {
         matches!(
             io.kind(),
             std::io::ErrorKind::ConnectionReset
@@ -266,33 +286,32 @@ fn is_stale_connection(e: &ClientError) -> bool {
 }
 
 fn map_error(e: ClientError) -> Error {
-    let e = match e {
+    let error = match e {
         ClientError::Timeout => return Error::new(Kind::UpstreamTimeout),
-        ClientError::Client(e) => e,
+        ClientError::Send(SendError::ConnectTimeout) => {
+            return Error::new(Kind::UpstreamConnectTimeout)
+        }
+        ClientError::Send(SendError::Connect(io)) => {
+            let kind = if io.kind() == std::io::ErrorKind::TimedOut {
+                Kind::UpstreamConnectTimeout
+            } else {
+                Kind::UpstreamConnect
+            };
+            return Error::with_source(kind, io);
+        }
+        ClientError::Send(SendError::Http(error)) => error,
     };
-    if e.is_connect() {
-        let timed_out = find_source::<std::io::Error>(&e)
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
-        let kind = if timed_out {
-            Kind::UpstreamConnectTimeout
-        } else {
-            Kind::UpstreamConnect
-        };
-        return Error::with_source(kind, e);
-    }
     // The client's own body failing while we stream it up is the client's fault, never
     // the upstream's (a passive health check must not count it): keep the body's kind
     // (400 for broken chunked framing, 413, 408, 499 for a vanished client).
-    if let Some(ours) = find_source::<Error>(&e) {
+    if let Some(ours) = find_source::<Error>(&error) {
         let kind = ours.kind();
-        return Error::with_source(kind, e);
+        return Error::with_source(kind, error);
     }
-    if let Some(h) = find_source::<hyper::Error>(&e) {
-        if h.is_body_write_aborted() || h.is_user() {
-            return Error::with_source(Kind::UpstreamSend, e);
-        }
+    if error.is_body_write_aborted() || error.is_user() {
+        return Error::with_source(Kind::UpstreamSend, error);
     }
-    Error::with_source(Kind::UpstreamProtocol, e)
+    Error::with_source(Kind::UpstreamProtocol, error)
 }
 
 /// The first error of type `T` in `e`'s source chain.

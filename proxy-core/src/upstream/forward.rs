@@ -4,10 +4,12 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::body::{Request, Response};
 use crate::response;
+use crate::upstream::pool::Endpoint;
 use crate::upstream::{UpstreamClient, UpstreamTimeouts};
 
 /// Proxies each request to one fixed upstream address through a pooled
@@ -25,8 +27,19 @@ use crate::upstream::{UpstreamClient, UpstreamTimeouts};
 /// ```
 #[derive(Clone, Debug)]
 pub struct Forward {
+    // One allocation shared by every clone: a clone per request is one reference count,
+    // not a copy of the client and its configuration.
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     client: UpstreamClient,
     addr: SocketAddr,
+    /// `addr`'s pool endpoint (its idle connections and authority), looked up once;
+    /// `None` only if that failed, and then every request fails the same way through
+    /// `send_with`.
+    endpoint: Option<Arc<Endpoint>>,
     timeouts: UpstreamTimeouts,
 }
 
@@ -38,16 +51,26 @@ impl Forward {
             idle_timeout: client.config().read_timeout,
         };
         Forward {
-            client,
-            addr,
-            timeouts,
+            inner: Arc::new(Inner {
+                endpoint: client.endpoint(addr).ok(),
+                client,
+                addr,
+                timeouts,
+            }),
         }
     }
 
     /// Use these read and upgraded-connection timeouts instead.
-    pub fn with_timeouts(mut self, timeouts: UpstreamTimeouts) -> Self {
-        self.timeouts = timeouts;
-        self
+    pub fn with_timeouts(self, timeouts: UpstreamTimeouts) -> Self {
+        let inner = &self.inner;
+        Forward {
+            inner: Arc::new(Inner {
+                client: inner.client.clone(),
+                addr: inner.addr,
+                endpoint: inner.endpoint.clone(),
+                timeouts,
+            }),
+        }
     }
 }
 
@@ -61,13 +84,23 @@ impl tower_service::Service<Request> for Forward {
     }
 
     fn call(&mut self, req: Request) -> ResponseFuture {
-        let this = self.clone();
+        let this = self.inner.clone();
         ResponseFuture {
             inner: Box::pin(async move {
-                match this.client.send_with(this.addr, req, &this.timeouts).await {
+                let Inner {
+                    client,
+                    addr,
+                    endpoint,
+                    timeouts,
+                } = &*this;
+                let sent = match endpoint {
+                    Some(ep) => client.send_to(ep, req, timeouts).await,
+                    None => client.send_with(*addr, req, timeouts).await,
+                };
+                match sent {
                     Ok(resp) => resp,
                     Err(e) => {
-                        tracing::warn!(upstream = %this.addr, error = %e, "upstream request failed");
+                        tracing::warn!(upstream = %addr, error = %e, "upstream request failed");
                         response::from_error(e)
                     }
                 }

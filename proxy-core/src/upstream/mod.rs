@@ -15,6 +15,7 @@
 
 mod client;
 mod forward;
+mod pool;
 mod tunnel;
 
 pub use client::{ClientConfig, UpstreamClient};

@@ -1,0 +1,504 @@
+#!/usr/bin/env python3
+"""Side-by-side load comparison of our proxy and nginx, on loopback, in one interleaved run.
+
+What it needs (it installs nothing):
+    apt-get install -y nginx wrk openssl python3 util-linux   # taskset is in util-linux
+    apt-get install -y valgrind nghttp2-client                # only for --callgrind
+and a Rust toolchain to build the proxy in release mode (or PROXY_BIN / TLS_PROXY_BIN).
+
+What it does:
+  * starts a fast upstream (an nginx instance serving a small body and a 64 KiB one),
+  * starts our proxy (`proxy run`, one worker thread) and nginx (one worker process) with
+    equivalent configs: upstream keep-alive 32, access logs off, keepalive_requests
+    100000, one plain and one HTTPS listener (our HTTPS side is the load_tls_proxy
+    example, the same stack behind proxy-tls, until the binary's TOML has TLS keys),
+  * pins both proxies to CPU 0 and wrk, the upstream and the idle/slowloris clients to CPU 1,
+  * runs each scenario for a bounded time, ours then nginx, one after the other:
+      small     small keep-alive responses
+      64k       64 KiB keep-alive responses
+      newconn   a new connection per request (Connection: close)
+      tls       HTTPS keep-alive
+      tlsnew    HTTPS, a new connection (full TLS 1.3 handshake) per request
+      idle      5,000 idle keep-alive client connections held open (memory per connection)
+      slowloris 1,000 connections sending one header byte per second beside the small load
+  * prints one markdown table: requests/s, the proxy's own CPU time per request (utime +
+    stime from /proc), p50, p99 and peak RSS (VmHWM, reset before each scenario), and the
+    ratio ours/nginx.
+
+  --callgrind  instead counts user-space instructions per small keep-alive request with
+               valgrind's callgrind for both (counts are stable; wall-clock is not).
+
+Everything listens on 127.0.0.1 only, every client run is bounded in time, and every
+process it started is stopped when it ends. Environment: DURATION (seconds per run, 5),
+CONNS (wrk connections, 50), IDLE_CONNS (5000), SLOW_CONNS (1000), PROXY_CPU (0),
+LOAD_CPU (1), WORKERS (1), SCENARIOS (comma list, default all), CALLGRIND_REQUESTS (20000).
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+DURATION = int(os.environ.get("DURATION", "5"))
+CONNS = int(os.environ.get("CONNS", "50"))
+IDLE_CONNS = int(os.environ.get("IDLE_CONNS", "5000"))
+SLOW_CONNS = int(os.environ.get("SLOW_CONNS", "1000"))
+PROXY_CPU = os.environ.get("PROXY_CPU", "0")
+LOAD_CPU = os.environ.get("LOAD_CPU", "1")
+WORKERS = int(os.environ.get("WORKERS", "1"))
+CALLGRIND_REQUESTS = int(os.environ.get("CALLGRIND_REQUESTS", "20000"))
+ALL = ["small", "64k", "newconn", "tls", "tlsnew", "idle", "slowloris"]
+SCENARIOS = [s for s in os.environ.get("SCENARIOS", ",".join(ALL)).split(",") if s]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SMALL_BODY = "hello, world\n"
+
+
+def need(tools, hint):
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        sys.exit(f"missing {', '.join(missing)}: {hint}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, deadline=20.0):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing listens on 127.0.0.1:{port} after {deadline}s")
+
+
+# --- processes and /proc ----------------------------------------------------------------
+
+
+class Proc:
+    """A started server: its pid tree, CPU ticks and memory from /proc."""
+
+    def __init__(self, name, argv, cpu, log):
+        self.name = name
+        self.popen = subprocess.Popen(
+            ["taskset", "-c", cpu] + argv, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def pids(self):
+        root = self.popen.pid
+        pids = [root]
+        try:
+            with open(f"/proc/{root}/task/{root}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+        return pids
+
+    def cpu_ticks(self):
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+            except OSError:
+                pass
+        return total
+
+    def worker(self):
+        """The process that serves: nginx's worker, our only process."""
+        return self.pids()[-1]
+
+    def status_kib(self, key):
+        try:
+            with open(f"/proc/{self.worker()}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def reset_peak(self):
+        try:
+            with open(f"/proc/{self.worker()}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def stop(self):
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+# --- configs ----------------------------------------------------------------------------
+
+
+def nginx_common(work, name):
+    d = os.path.join(work, name)
+    os.makedirs(d, exist_ok=True)
+    temps = " ".join(f"{k}_temp_path {d};" for k in
+                     ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"])
+    return d, temps
+
+
+def upstream_conf(work, port):
+    d, temps = nginx_common(work, "upstream")
+    with open(os.path.join(d, "64k"), "wb") as f:
+        f.write(b"x" * 65536)
+    return f"""user root;
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 10000; }}
+http {{
+  access_log off; {temps}
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location = /small {{ return 200 "{SMALL_BODY.strip()}\\n"; }}
+    location = /64k {{ alias {d}/64k; }}
+  }}
+}}
+"""
+
+
+def nginx_conf(work, port, tls_port, upstream, cert, key, callgrind=False):
+    d, temps = nginx_common(work, "nginx")
+    head = "master_process off;\n" if callgrind else ""
+    return f"""{head}user root;
+worker_processes {WORKERS};
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 10000; }}
+http {{
+  access_log off; {temps}
+  keepalive_requests 100000;
+  upstream app {{ server 127.0.0.1:{upstream}; keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    listen 127.0.0.1:{tls_port} ssl backlog=4096;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+    }}
+  }}
+}}
+"""
+
+
+def ours_conf(port, upstream):
+    return f"""[global]
+workers = {WORKERS}
+
+[upstream.app]
+servers = [{{ addr = "127.0.0.1:{upstream}" }}]
+keepalive = 32
+
+[[server]]
+listen = ["127.0.0.1:{port}"]
+keepalive_requests = 100000
+backlog = 4096
+
+[[server.location]]
+path = "/"
+proxy_pass = "app"
+"""
+
+
+# --- clients ----------------------------------------------------------------------------
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(url, extra=(), duration=DURATION, conns=CONNS):
+    argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{duration}s",
+            "--timeout", "5s", "--latency", *extra, url]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
+    lat = {}
+    for pct, val, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        lat[pct] = float(val) * UNITS[unit]
+    m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    if not m:
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    secs = float(m.group(2)) * {"s": 1, "ms": 1e-3, "m": 60}.get(m.group(3), 1)
+    return {"requests": int(m.group(1)), "rps": int(m.group(1)) / secs,
+            "p50": lat.get("50"), "p99": lat.get("99"),
+            "errors": (errors.group(1) if errors else "") + (sock.group(1) if sock else "")}
+
+
+def hold_idle(port, n, ready, release):
+    """Open n keep-alive connections, one request each, then hold them open idle."""
+    socks = []
+    req = f"GET /small HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(req)
+            socks.append(s)
+        for s in socks:
+            got = b""
+            while not got.endswith(SMALL_BODY.encode()):
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise RuntimeError("connection closed while idle")
+                got += chunk
+        ready.set()
+        release.wait(60)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def slowloris(port, n, stop):
+    """n connections that each send one byte of a request header per second."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n")
+            socks.append(s)
+        while not stop.wait(1.0):
+            for s in socks:
+                try:
+                    s.sendall(b"X")
+                except OSError:
+                    pass
+    finally:
+        for s in socks:
+            s.close()
+
+
+# --- scenarios --------------------------------------------------------------------------
+
+
+def measure(proc, fn):
+    proc.reset_peak()
+    t0 = proc.cpu_ticks()
+    r = fn()
+    cpu = (proc.cpu_ticks() - t0) / CLK_TCK
+    r["cpu_us"] = cpu * 1e6 / r["requests"] if r.get("requests") else None
+    r["peak_mib"] = proc.status_kib("VmHWM") / 1024
+    return r
+
+
+def scenario(name, proc, port, tls_port):
+    http = f"http://127.0.0.1:{port}"
+    https = f"https://127.0.0.1:{tls_port}"
+    close = ("-H", "Connection: close")
+    if name == "small":
+        return measure(proc, lambda: wrk(http + "/small"))
+    if name == "64k":
+        return measure(proc, lambda: wrk(http + "/64k"))
+    if name == "newconn":
+        return measure(proc, lambda: wrk(http + "/small", close))
+    if name == "tls":
+        return measure(proc, lambda: wrk(https + "/small"))
+    if name == "tlsnew":
+        return measure(proc, lambda: wrk(https + "/small", close))
+    if name == "slowloris":
+        stop = threading.Event()
+        t = threading.Thread(target=slowloris, args=(port, SLOW_CONNS, stop))
+        t.start()
+        try:
+            time.sleep(1.0)  # let the slow connections open before the load starts
+            return measure(proc, lambda: wrk(http + "/small"))
+        finally:
+            stop.set()
+            t.join()
+    if name == "idle":
+        ready, release = threading.Event(), threading.Event()
+        before = proc.status_kib("VmRSS")
+        proc.reset_peak()
+        t = threading.Thread(target=hold_idle, args=(port, IDLE_CONNS, ready, release))
+        t.start()
+        try:
+            if not ready.wait(60):
+                raise RuntimeError("idle connections not established in 60 s")
+            time.sleep(0.5)  # allow the server to settle after the last response
+            after = proc.status_kib("VmRSS")
+            return {"requests": IDLE_CONNS, "rps": None, "p50": None, "p99": None,
+                    "cpu_us": None, "errors": "",
+                    "per_conn_kib": (after - before) / IDLE_CONNS,
+                    "peak_mib": proc.status_kib("VmHWM") / 1024}
+        finally:
+            release.set()
+            t.join()
+    raise ValueError(name)
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def ratio(a, b):
+    return "-" if a is None or b in (None, 0) else f"{a / b:.2f}x"
+
+
+def print_table(rows):
+    print()
+    print("| scenario | server | req/s | CPU µs/req | p50 ms | p99 ms | peak RSS MiB | KiB/idle conn | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, ours, ngx in rows:
+        for who, r in (("ours", ours), ("nginx", ngx)):
+            print(f"| {name} | {who} | {fmt(r['rps'], '.0f')} | {fmt(r['cpu_us'], '.1f')} | "
+                  f"{fmt(r['p50'], '.2f')} | {fmt(r['p99'], '.2f')} | {fmt(r['peak_mib'], '.1f')} | "
+                  f"{fmt(r.get('per_conn_kib'), '.2f')} | {r['errors'] or ''} |")
+        print(f"| {name} | **ours/nginx** | {ratio(ours['rps'], ngx['rps'])} | "
+              f"{ratio(ours['cpu_us'], ngx['cpu_us'])} | {ratio(ours['p50'], ngx['p50'])} | "
+              f"{ratio(ours['p99'], ngx['p99'])} | {ratio(ours['peak_mib'], ngx['peak_mib'])} | "
+              f"{ratio(ours.get('per_conn_kib'), ngx.get('per_conn_kib'))} | |")
+
+
+# --- callgrind --------------------------------------------------------------------------
+
+
+def callgrind_count(proc, port, outfile):
+    """Instructions per small keep-alive request, after a warm-up, via callgrind_control."""
+    h2load = ["taskset", "-c", LOAD_CPU, "h2load", "--h1", "-c", "10", "-t", "1"]
+    url = f"http://127.0.0.1:{port}/small"
+    subprocess.run(h2load + ["-n", "2000", url], capture_output=True, timeout=300, check=True)
+    subprocess.run(["callgrind_control", "-z", str(proc.worker())], capture_output=True,
+                   timeout=60, check=True)
+    out = subprocess.run(h2load + ["-n", str(CALLGRIND_REQUESTS), url], capture_output=True,
+                         text=True, timeout=900).stdout
+    m = re.search(r"(\d+) succeeded", out)
+    done = int(m.group(1)) if m else 0
+    subprocess.run(["callgrind_control", "-d", str(proc.worker())], capture_output=True,
+                   timeout=60, check=True)
+    total = 0
+    for f in os.listdir(os.path.dirname(outfile)):
+        if f.startswith(os.path.basename(outfile)):
+            with open(os.path.join(os.path.dirname(outfile), f)) as fh:
+                for line in fh:
+                    if line.startswith("totals:") or line.startswith("summary:"):
+                        total = max(total, int(line.split()[1]))
+    return total, done
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def build():
+    ours = os.environ.get("PROXY_BIN")
+    tls = os.environ.get("TLS_PROXY_BIN")
+    if not ours or not tls:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "proxy-bin"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "benches", "--example",
+                        "load_tls_proxy"], cwd=ROOT, check=True)
+    return (ours or os.path.join(ROOT, "target/release/proxy"),
+            tls or os.path.join(ROOT, "target/release/examples/load_tls_proxy"))
+
+
+def main():
+    cg = "--callgrind" in sys.argv[1:]
+    need(["nginx", "wrk", "openssl", "taskset"], "apt-get install -y nginx wrk openssl util-linux")
+    if cg:
+        need(["valgrind", "callgrind_control", "h2load"],
+             "apt-get install -y valgrind nghttp2-client")
+    ours_bin, tls_bin = build()
+    work = tempfile.mkdtemp(prefix="proxy-load-")
+    procs = []
+    log = open(os.path.join(work, "servers.log"), "w")
+    try:
+        cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost", "-keyout", key, "-out", cert],
+                       check=True, capture_output=True)
+        up, ours_p, ours_tls, ngx_p, ngx_tls = (free_port() for _ in range(5))
+        def conf(name, text):
+            p = os.path.join(work, name)
+            with open(p, "w") as f:
+                f.write(text)
+            return p
+        upstream = Proc("upstream", ["nginx", "-e", os.path.join(work, "up.err"), "-c",
+                                     conf("upstream.conf", upstream_conf(work, up))], LOAD_CPU, log)
+        procs.append(upstream)
+        wait_port(up)
+        vg = []
+        if cg:
+            vg = ["valgrind", "--tool=callgrind", "--dump-instr=no"]
+        ours_out = os.path.join(work, "callgrind.ours")
+        ngx_out = os.path.join(work, "callgrind.nginx")
+        ours = Proc("ours", (vg + [f"--callgrind-out-file={ours_out}.%p"] if cg else []) +
+                    [ours_bin, "run", "-c", conf("ours.toml", ours_conf(ours_p, up))], PROXY_CPU, log)
+        procs.append(ours)
+        ngx = Proc("nginx", (vg + [f"--callgrind-out-file={ngx_out}.%p"] if cg else []) +
+                   ["nginx", "-e", os.path.join(work, "ngx.err"), "-c",
+                    conf("nginx.conf", nginx_conf(work, ngx_p, ngx_tls, up, cert, key, cg))],
+                   PROXY_CPU, log)
+        procs.append(ngx)
+        wait_port(ours_p, 120 if cg else 20)
+        wait_port(ngx_p, 120 if cg else 20)
+        if cg:
+            a, an = callgrind_count(ours, ours_p, ours_out)
+            b, bn = callgrind_count(ngx, ngx_p, ngx_out)
+            print(f"\n| callgrind, small keep-alive | instructions/request | requests |")
+            print("|---|---:|---:|")
+            print(f"| ours | {a / max(an, 1):.0f} | {an} |")
+            print(f"| nginx | {b / max(bn, 1):.0f} | {bn} |")
+            print(f"| **ours/nginx** | {ratio(a / max(an, 1), b / max(bn, 1))} | |")
+            return
+        tls = Proc("ours-tls", [tls_bin, f"127.0.0.1:{ours_tls}", f"127.0.0.1:{up}", cert, key,
+                                str(WORKERS)], PROXY_CPU, log)
+        procs.append(tls)
+        wait_port(ours_tls)
+        # Warm-up: pools filled, pages touched, on both sides.
+        for p in (ours_p, ngx_p):
+            wrk(f"http://127.0.0.1:{p}/small", duration=1)
+        rows = []
+        for i, name in enumerate(SCENARIOS):
+            is_tls = name.startswith("tls")
+            o_proc = tls if is_tls else ours
+            # Alternate who goes first, so neither always runs on a warmer machine.
+            if i % 2 == 0:
+                o = scenario(name, o_proc, ours_p, ours_tls)
+                n = scenario(name, ngx, ngx_p, ngx_tls)
+            else:
+                n = scenario(name, ngx, ngx_p, ngx_tls)
+                o = scenario(name, o_proc, ours_p, ours_tls)
+            rows.append((name, o, n))
+            print(f"{name}: done", file=sys.stderr)
+        print(f"\nDURATION={DURATION}s CONNS={CONNS} WORKERS={WORKERS} proxies on CPU {PROXY_CPU}, "
+              f"load on CPU {LOAD_CPU}; {os.uname().release}; {subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}")
+        print_table(rows)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        log.close()
+        if os.environ.get("KEEP_WORK"):
+            print(f"work dir kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
