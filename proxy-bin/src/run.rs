@@ -20,6 +20,8 @@ use proxy_core::reload::{ReloadHandle, Reloadable};
 use proxy_core::router::LocationService;
 use proxy_core::server::{Accept, HttpConfig, Plain, Server};
 use proxy_core::timeout::SendTimeoutAccept;
+use proxy_tls::reload::Reloader;
+use proxy_tls::sni::CertStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -90,6 +92,40 @@ struct Live {
     handle: ReloadHandle<LocationService>,
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
+    /// The certificates its TLS acceptor serves, updated in place on reload.
+    certs: Option<CertStore>,
+    /// Re-reads certificate files when they change on disk.
+    watcher: Option<JoinHandle<()>>,
+}
+
+/// How often certificate files are checked for changes (certbot renewals).
+const CERT_POLL: Duration = Duration::from_secs(5);
+
+/// Make `live` serve exactly the certificates of `new` (same ids replaced, others
+/// removed): new handshakes get them, established connections keep theirs.
+fn sync_certs(live: &CertStore, new: &CertStore) {
+    let wanted: Vec<Arc<str>> = new.certificates().into_iter().map(|c| c.id).collect();
+    for id in &wanted {
+        if let Some(cert) = new.get(id) {
+            live.insert(id.clone(), cert);
+        }
+    }
+    for c in live.certificates() {
+        if !wanted.contains(&c.id) {
+            live.remove(&c.id);
+        }
+    }
+}
+
+fn watch_files(store: &CertStore, files: &[(String, PathBuf, PathBuf)]) -> Option<JoinHandle<()>> {
+    if files.is_empty() {
+        return None;
+    }
+    let mut reloader = Reloader::new(store.clone());
+    for (id, cert, key) in files {
+        reloader = reloader.with_files(id.clone(), cert.clone(), key.clone());
+    }
+    Some(reloader.spawn_watcher(CERT_POLL))
 }
 
 #[derive(Default)]
@@ -129,7 +165,14 @@ impl Running {
         let keep: Vec<SocketAddr> = plan.listeners.iter().map(|p| p.listen.addr).collect();
         for lp in plan.listeners {
             let addr = lp.listen.addr;
-            if let Some(live) = self.listeners.get(&addr) {
+            if let Some(live) = self.listeners.get_mut(&addr) {
+                if let (Some(old), Some(new)) = (&live.certs, &lp.tls) {
+                    sync_certs(old, &new.store);
+                    if let Some(w) = live.watcher.take() {
+                        w.abort();
+                    }
+                    live.watcher = watch_files(old, &new.files);
+                }
                 live.handle.swap(lp.service);
                 continue;
             }
@@ -150,8 +193,12 @@ impl Running {
             if let Some(live) = self.listeners.remove(&addr) {
                 tracing::info!(%addr, "listener removed by reload: draining");
                 let _ = live.stop.send(true);
+                if let Some(w) = live.watcher {
+                    w.abort();
+                }
             }
         }
+        self.export_certificate_expiry();
         if let Some((addr, listener)) = admin_listener {
             if let Some((_, old)) = self.admin.take() {
                 let _ = old.stop.send(true);
@@ -168,12 +215,27 @@ impl Running {
         Ok(())
     }
 
+    /// Each certificate's expiry as a metric (and the 14-day warning is the store's).
+    fn export_certificate_expiry(&self) {
+        let Some(m) = &self.shared.metrics else { return };
+        m.clear_certificate_expiry();
+        for store in self.listeners.values().filter_map(|l| l.certs.as_ref()) {
+            for c in store.certificates() {
+                let name = c.names.first().cloned().unwrap_or_else(|| c.id.to_string());
+                m.set_certificate_expiry(&name, c.not_after);
+            }
+        }
+    }
+
     fn start(&self, listener: TcpListener, lp: ListenerPlan) -> Live {
         let (svc, handle) = Reloadable::new(lp.service);
         let (stop, stopped) = watch::channel(false);
         let t = lp.send_timeout;
         let name = lp.listen.addr.to_string();
-        let task = match (lp.tls, lp.proxy_protocol) {
+        let certs = lp.tls.as_ref().map(|t| t.store.clone());
+        let watcher = lp.tls.as_ref().and_then(|t| watch_files(&t.store, &t.files));
+        let tls = lp.tls.map(|t| t.acceptor);
+        let task = match (tls, lp.proxy_protocol) {
             (None, None) => self.serve(
                 listener,
                 SendTimeoutAccept::new(Plain, t),
@@ -211,7 +273,13 @@ impl Running {
                 name,
             ),
         };
-        Live { handle, stop, task }
+        Live {
+            handle,
+            stop,
+            task,
+            certs,
+            watcher,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -242,7 +310,16 @@ impl Running {
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(Server::new(listener).serve(svc, wait_stop(stopped)));
         tracing::info!(%addr, "admin listener (metrics, /healthz, /readyz)");
-        Some((addr, Live { handle, stop, task }))
+        Some((
+            addr,
+            Live {
+                handle,
+                stop,
+                task,
+                certs: None,
+                watcher: None,
+            },
+        ))
     }
 
     fn reload(&mut self, origin: &Origin) {

@@ -300,3 +300,74 @@ fn reload_switches_upstreams_with_zero_failed_requests() {
         assert!(answers[first_green..].iter().all(|g| *g));
     }
 }
+
+/// A self-signed certificate for `name` with `cn` as its subject, written as PEM files.
+fn make_cert(dir: &Path, cn: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join(format!("{cn}.pem")), dir.join(format!("{cn}.key")));
+    let st = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args(["-subj", &format!("/CN={cn}"), "-addext", "subjectAltName=DNS:api.example.test"])
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is needed for this test");
+    assert!(st.success());
+    (cert, key)
+}
+
+/// The subject of the certificate `addr` serves for `api.example.test`.
+fn served_subject(addr: SocketAddr) -> String {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), "-servername", "api.example.test"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with("subject="))
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn reload_swaps_the_tls_certificate_of_a_running_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_a, key_a) = make_cert(dir.path(), "first");
+    let (cert_b, key_b) = make_cert(dir.path(), "second");
+    let (live_cert, live_key) = (dir.path().join("live.pem"), dir.path().join("live.key"));
+    std::fs::copy(&cert_a, &live_cert).unwrap();
+    std::fs::copy(&key_a, &live_key).unwrap();
+    let up = named_upstream("tls");
+    let listen = free_port();
+    let conf = dir.path().join("proxy.toml");
+    let pid = dir.path().join("proxy.pid");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[server]]\nlisten = [\"{listen}\"]\nserver_name = [\"api.example.test\"]\ntls = {{ certificate = \"live.pem\", key = \"live.key\" }}\n\n[[server.location]]\npath = \"/\"\nproxy_pass = \"http://{up}\"\n"
+        ),
+    )
+    .unwrap();
+    let _p = start(bin().arg("run").arg("-c").arg(&conf).arg("--pid-file").arg(&pid), listen);
+    assert!(served_subject(listen).contains("first"), "{}", served_subject(listen));
+    // certbot renews: the files change, then a reload.
+    std::fs::copy(&cert_b, &live_cert).unwrap();
+    std::fs::copy(&key_b, &live_key).unwrap();
+    assert!(bin().arg("reload").arg("--pid-file").arg(&pid).status().unwrap().success());
+    let start = Instant::now();
+    loop {
+        let subject = served_subject(listen);
+        if subject.contains("second") {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "still serving {subject}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

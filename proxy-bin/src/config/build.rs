@@ -18,7 +18,6 @@ use proxy_core::router::{
 use proxy_core::server::{HttpConfig, ListenConfig};
 use proxy_core::static_files::StaticFiles;
 use proxy_core::upstream::{ClientConfig, UpstreamClient};
-use proxy_tls::acceptor::TlsAcceptor;
 use proxy_tls::challenge::{AcmeChallengeLayer, ChallengeStore};
 use tower::Layer;
 
@@ -50,7 +49,7 @@ pub struct ListenerPlan {
     /// The virtual servers on this address (with ACME challenges answered first).
     pub service: LocationService,
     /// TLS, when the servers on this address have it.
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<super::tls::TlsPlan>,
     /// Read a PROXY protocol header from these sources first.
     pub proxy_protocol: Option<TrustedProxies>,
     /// nginx's `send_timeout`.
@@ -397,6 +396,9 @@ fn build_groups(
         }
         if let Some(d) = cfg.connect_timeout {
             cc.connect_timeout = d.0;
+        }
+        if let Some(d) = cfg.send_timeout {
+            cc.send_timeout = d.0;
         }
         groups.insert(
             name.clone(),

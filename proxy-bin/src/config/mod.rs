@@ -6,7 +6,7 @@ mod build;
 mod location;
 mod schema;
 mod shared;
-mod tls;
+pub mod tls;
 pub mod values;
 
 use std::fmt;

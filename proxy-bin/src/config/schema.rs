@@ -177,6 +177,9 @@ pub struct Upstream {
     pub keepalive_timeout: Option<Dur>,
     /// nginx's `proxy_connect_timeout` for this group (default 60s).
     pub connect_timeout: Option<Dur>,
+    /// nginx's `proxy_send_timeout` for this group (default 60s): a write to the
+    /// upstream that makes no progress this long fails.
+    pub send_timeout: Option<Dur>,
 }
 
 /// One `server` line of an upstream group.

@@ -11,7 +11,18 @@ use proxy_tls::sni::CertStore;
 use super::schema::Config;
 use super::{Diagnostic, Source};
 
-/// The acceptor for the servers (indices into `config.server`) sharing one address.
+/// A listener's TLS: the acceptor, its certificate store (kept across reloads by the
+/// binary) and the certificate files to watch for changes.
+pub struct TlsPlan {
+    /// The acceptor, reading certificates from `store`.
+    pub acceptor: TlsAcceptor,
+    /// The certificates by id.
+    pub store: CertStore,
+    /// (id, certificate file, key file) of the certificates read from disk.
+    pub files: Vec<(String, std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// The TLS of the servers (indices into `config.server`) sharing one address.
 pub(super) fn acceptor(
     src: &Source,
     config: &Config,
@@ -19,8 +30,9 @@ pub(super) fn acceptor(
     challenges: Option<&ChallengeStore>,
     acme: &mut Vec<AcmeManager>,
     errs: &mut Vec<Diagnostic>,
-) -> Option<TlsAcceptor> {
+) -> Option<TlsPlan> {
     let store = CertStore::new();
+    let mut files = Vec::new();
     let mut http2 = true;
     let mut handshake_timeout = Duration::from_secs(10);
     for &si in servers {
@@ -58,7 +70,10 @@ pub(super) fn acceptor(
             let cert = super::location::resolve(src, cert);
             let k = super::location::resolve(src, k);
             match proxy_tls::certs::load_pem_files(&cert, &k) {
-                Ok(loaded) => store.insert(id, loaded),
+                Ok(loaded) => {
+                    store.insert(id.clone(), loaded);
+                    files.push((id, cert, k));
+                }
                 Err(e) => errs.push(src.diag(Some(tls.span()), key, e.to_string())),
             }
             continue;
@@ -106,12 +121,16 @@ pub(super) fn acceptor(
             }
         }
     }
-    match TlsAcceptor::builder(store)
+    match TlsAcceptor::builder(store.clone())
         .http2(http2)
         .handshake_timeout(handshake_timeout)
         .build()
     {
-        Ok(a) => Some(a),
+        Ok(acceptor) => Some(TlsPlan {
+            acceptor,
+            store,
+            files,
+        }),
         Err(e) => {
             errs.push(src.diag(None, "server.tls", e.to_string()));
             None

@@ -31,6 +31,9 @@ pub struct ClientConfig {
     /// Time allowed for the response header after the request was sent
     /// (nginx's `proxy_read_timeout` for the first byte, default 60 s).
     pub read_timeout: Duration,
+    /// Longest time a write to the upstream may make no progress (nginx's
+    /// `proxy_send_timeout`, default 60 s): a request body the upstream stops reading.
+    pub send_timeout: Duration,
     /// Upgrade protocols forwarded to the upstream (case-insensitive). Default
     /// `["websocket"]`; `h2c` is never forwarded whatever this says.
     pub upgrades: Vec<String>,
@@ -43,6 +46,7 @@ impl Default for ClientConfig {
             keepalive_timeout: Duration::from_secs(4),
             connect_timeout: Duration::from_secs(60),
             read_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             upgrades: vec!["websocket".to_owned()],
         }
     }
@@ -62,6 +66,7 @@ impl UpstreamClient {
             config.keepalive,
             config.keepalive_timeout,
             config.connect_timeout,
+            config.send_timeout,
         );
         UpstreamClient {
             pool: Arc::new(pool),

@@ -39,6 +39,7 @@ pub(crate) struct Pool {
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    send_timeout: Duration,
 }
 
 /// One upstream address: its authority and its idle connections.
@@ -58,8 +59,14 @@ struct Idle {
 }
 
 impl Pool {
-    pub(crate) fn new(max_idle: usize, idle_timeout: Duration, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        max_idle: usize,
+        idle_timeout: Duration,
+        connect_timeout: Duration,
+        send_timeout: Duration,
+    ) -> Self {
         Pool {
+            send_timeout,
             endpoints: RwLock::default(),
             builder: http1::Builder::new(),
             max_idle,
@@ -223,6 +230,9 @@ impl Pool {
                 Err(_) => return Err(SendError::ConnectTimeout),
             };
         let _ = stream.set_nodelay(true);
+        // nginx's proxy_send_timeout: a write to the upstream that cannot make progress
+        // for this long fails the connection (the request gets a 502/504, the tunnel ends).
+        let stream = crate::timeout::SendTimeoutIo::new(stream, self.send_timeout);
         let (sender, conn) = self
             .builder
             .handshake(TokioIo::new(stream))
@@ -314,7 +324,7 @@ mod tests {
     #[tokio::test]
     async fn one_connection_serves_sequential_requests() {
         let (addr, conns) = upstream().await;
-        let pool = Arc::new(Pool::new(4, Duration::from_secs(4), Duration::from_secs(1)));
+        let pool = Arc::new(Pool::new(4, Duration::from_secs(4), Duration::from_secs(1), Duration::from_secs(60)));
         let ep = endpoint(&pool, addr);
         for _ in 0..5 {
             get(&pool, &ep).await;
@@ -330,7 +340,7 @@ mod tests {
     #[tokio::test]
     async fn keepalive_zero_keeps_nothing() {
         let (addr, conns) = upstream().await;
-        let pool = Arc::new(Pool::new(0, Duration::from_secs(4), Duration::from_secs(1)));
+        let pool = Arc::new(Pool::new(0, Duration::from_secs(4), Duration::from_secs(1), Duration::from_secs(60)));
         let ep = endpoint(&pool, addr);
         get(&pool, &ep).await;
         get(&pool, &ep).await;
@@ -341,7 +351,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_connections_expire_after_the_keepalive_timeout() {
         let (addr, conns) = upstream().await;
-        let pool = Arc::new(Pool::new(4, Duration::from_secs(4), Duration::from_secs(1)));
+        let pool = Arc::new(Pool::new(4, Duration::from_secs(4), Duration::from_secs(1), Duration::from_secs(60)));
         let ep = endpoint(&pool, addr);
         get(&pool, &ep).await;
         idle_becomes(&ep, 1).await;
@@ -356,7 +366,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let pool = Arc::new(Pool::new(4, Duration::from_secs(4), Duration::from_secs(1)));
+        let pool = Arc::new(Pool::new(4, Duration::from_secs(4), Duration::from_secs(1), Duration::from_secs(60)));
         let ep = endpoint(&pool, addr);
         let req = http::Request::get("/").body(ProxyBody::empty()).unwrap();
         assert!(matches!(
