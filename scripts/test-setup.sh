@@ -8,6 +8,11 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
 
+# cargo-fuzz, for the short fuzzing run of every target (scripts/fuzz-smoke.sh).
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+
 # Python environment for the FastAPI end-to-end test (examples/fastapi).
 if [ ! -x .venv/bin/uvicorn ]; then
     python3 -m venv .venv
