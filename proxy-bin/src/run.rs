@@ -217,7 +217,9 @@ impl Running {
 
     /// Each certificate's expiry as a metric (and the 14-day warning is the store's).
     fn export_certificate_expiry(&self) {
-        let Some(m) = &self.shared.metrics else { return };
+        let Some(m) = &self.shared.metrics else {
+            return;
+        };
         m.clear_certificate_expiry();
         for store in self.listeners.values().filter_map(|l| l.certs.as_ref()) {
             for c in store.certificates() {
@@ -233,7 +235,10 @@ impl Running {
         let t = lp.send_timeout;
         let name = lp.listen.addr.to_string();
         let certs = lp.tls.as_ref().map(|t| t.store.clone());
-        let watcher = lp.tls.as_ref().and_then(|t| watch_files(&t.store, &t.files));
+        let watcher = lp
+            .tls
+            .as_ref()
+            .and_then(|t| watch_files(&t.store, &t.files));
         let tls = lp.tls.map(|t| t.acceptor);
         let task = match (tls, lp.proxy_protocol) {
             (None, None) => self.serve(

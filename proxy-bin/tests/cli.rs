@@ -305,12 +305,27 @@ fn reload_switches_upstreams_with_zero_failed_requests() {
 fn make_cert(dir: &Path, cn: &str) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join(format!("{cn}.pem")), dir.join(format!("{cn}.key")));
     let st = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "30",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
         .arg(&cert)
-        .args(["-subj", &format!("/CN={cn}"), "-addext", "subjectAltName=DNS:api.example.test"])
+        .args([
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            "subjectAltName=DNS:api.example.test",
+        ])
         .stderr(Stdio::null())
         .status()
         .expect("openssl is needed for this test");
@@ -321,7 +336,13 @@ fn make_cert(dir: &Path, cn: &str) -> (PathBuf, PathBuf) {
 /// The subject of the certificate `addr` serves for `api.example.test`.
 fn served_subject(addr: SocketAddr) -> String {
     let mut child = Command::new("openssl")
-        .args(["s_client", "-connect", &addr.to_string(), "-servername", "api.example.test"])
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "api.example.test",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -355,12 +376,30 @@ fn reload_swaps_the_tls_certificate_of_a_running_listener() {
         ),
     )
     .unwrap();
-    let _p = start(bin().arg("run").arg("-c").arg(&conf).arg("--pid-file").arg(&pid), listen);
-    assert!(served_subject(listen).contains("first"), "{}", served_subject(listen));
+    let _p = start(
+        bin()
+            .arg("run")
+            .arg("-c")
+            .arg(&conf)
+            .arg("--pid-file")
+            .arg(&pid),
+        listen,
+    );
+    assert!(
+        served_subject(listen).contains("first"),
+        "{}",
+        served_subject(listen)
+    );
     // certbot renews: the files change, then a reload.
     std::fs::copy(&cert_b, &live_cert).unwrap();
     std::fs::copy(&key_b, &live_key).unwrap();
-    assert!(bin().arg("reload").arg("--pid-file").arg(&pid).status().unwrap().success());
+    assert!(bin()
+        .arg("reload")
+        .arg("--pid-file")
+        .arg(&pid)
+        .status()
+        .unwrap()
+        .success());
     let start = Instant::now();
     loop {
         let subject = served_subject(listen);

@@ -324,7 +324,12 @@ mod tests {
     #[tokio::test]
     async fn one_connection_serves_sequential_requests() {
         let (addr, conns) = upstream().await;
-        let pool = Arc::new(Pool::new(4, Duration::from_secs(4), Duration::from_secs(1), Duration::from_secs(60)));
+        let pool = Arc::new(Pool::new(
+            4,
+            Duration::from_secs(4),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        ));
         let ep = endpoint(&pool, addr);
         for _ in 0..5 {
             get(&pool, &ep).await;
@@ -340,7 +345,12 @@ mod tests {
     #[tokio::test]
     async fn keepalive_zero_keeps_nothing() {
         let (addr, conns) = upstream().await;
-        let pool = Arc::new(Pool::new(0, Duration::from_secs(4), Duration::from_secs(1), Duration::from_secs(60)));
+        let pool = Arc::new(Pool::new(
+            0,
+            Duration::from_secs(4),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        ));
         let ep = endpoint(&pool, addr);
         get(&pool, &ep).await;
         get(&pool, &ep).await;
@@ -351,7 +361,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_connections_expire_after_the_keepalive_timeout() {
         let (addr, conns) = upstream().await;
-        let pool = Arc::new(Pool::new(4, Duration::from_secs(4), Duration::from_secs(1), Duration::from_secs(60)));
+        let pool = Arc::new(Pool::new(
+            4,
+            Duration::from_secs(4),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        ));
         let ep = endpoint(&pool, addr);
         get(&pool, &ep).await;
         idle_becomes(&ep, 1).await;
@@ -366,7 +381,12 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let pool = Arc::new(Pool::new(4, Duration::from_secs(4), Duration::from_secs(1), Duration::from_secs(60)));
+        let pool = Arc::new(Pool::new(
+            4,
+            Duration::from_secs(4),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        ));
         let ep = endpoint(&pool, addr);
         let req = http::Request::get("/").body(ProxyBody::empty()).unwrap();
         assert!(matches!(
