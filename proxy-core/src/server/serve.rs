@@ -142,10 +142,21 @@ impl<A: Accept> Server<A> {
             .map(|n| Arc::new(Semaphore::new(n)));
         let local = self.listener.local_addr()?;
         tokio::pin!(shutdown);
+        // Connection tasks, reaped here so that a panic inside one (a bug) is logged
+        // through tracing with the rest of the logs; the other connections go on.
+        let mut tasks = tokio::task::JoinSet::new();
         loop {
             let (stream, peer) = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(e) = done {
+                        if e.is_panic() {
+                            tracing::error!(error = %e, "a connection task panicked; the server keeps serving");
+                        }
+                    }
+                    continue;
+                }
                 r = self.listener.accept() => match r {
                     Ok(pair) => pair,
                     Err(e) => {
@@ -179,9 +190,11 @@ impl<A: Accept> Server<A> {
                 max_requests: self.config.max_requests_per_connection,
                 _permit: permit,
             };
-            tokio::spawn(conn.run(stream, info));
+            tasks.spawn(conn.run(stream, info));
         }
         drop(self.listener);
+        // Dropping a JoinSet aborts its tasks: detach them so in-flight requests finish.
+        tasks.detach_all();
         if tokio::time::timeout(self.config.shutdown_timeout, graceful.shutdown())
             .await
             .is_err()
