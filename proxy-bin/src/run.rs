@@ -94,8 +94,32 @@ struct Live {
     task: JoinHandle<std::io::Result<()>>,
     /// The certificates its TLS acceptor serves, updated in place on reload.
     certs: Option<CertStore>,
-    /// Re-reads certificate files when they change on disk.
+    /// Re-reads certificate files when they change on disk; copies TLS handshake counts
+    /// into the metrics.
     watcher: Option<JoinHandle<()>>,
+    tls_metrics: Option<JoinHandle<()>>,
+}
+
+/// How often the TLS acceptor's handshake counters are copied into the metrics.
+const TLS_METRICS_EVERY: Duration = Duration::from_secs(5);
+
+/// Copy a listener's handshake counts into the registry's counters, as deltas.
+fn export_handshakes(
+    stats: Arc<proxy_tls::acceptor::TlsStats>,
+    metrics: proxy_core::metrics::Metrics,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let (ok, failed) = (metrics.tls_handshakes(true), metrics.tls_handshakes(false));
+        let (mut seen_ok, mut seen_failed) = (0u64, 0u64);
+        let mut tick = tokio::time::interval(TLS_METRICS_EVERY);
+        loop {
+            tick.tick().await;
+            let (now_ok, now_failed) = (stats.handshakes(), stats.failures());
+            ok.inc_by(now_ok.saturating_sub(seen_ok));
+            failed.inc_by(now_failed.saturating_sub(seen_failed));
+            (seen_ok, seen_failed) = (now_ok, now_failed);
+        }
+    })
 }
 
 /// How often certificate files are checked for changes (certbot renewals).
@@ -193,8 +217,8 @@ impl Running {
             if let Some(live) = self.listeners.remove(&addr) {
                 tracing::info!(%addr, "listener removed by reload: draining");
                 let _ = live.stop.send(true);
-                if let Some(w) = live.watcher {
-                    w.abort();
+                for task in [live.watcher, live.tls_metrics].into_iter().flatten() {
+                    task.abort();
                 }
             }
         }
@@ -240,6 +264,10 @@ impl Running {
             .as_ref()
             .and_then(|t| watch_files(&t.store, &t.files));
         let tls = lp.tls.map(|t| t.acceptor);
+        let tls_metrics = match (&tls, &self.shared.metrics) {
+            (Some(a), Some(m)) => Some(export_handshakes(a.stats().clone(), m.clone())),
+            _ => None,
+        };
         let task = match (tls, lp.proxy_protocol) {
             (None, None) => self.serve(
                 listener,
@@ -284,6 +312,7 @@ impl Running {
             task,
             certs,
             watcher,
+            tls_metrics,
         }
     }
 
@@ -323,6 +352,7 @@ impl Running {
                 task,
                 certs: None,
                 watcher: None,
+                tls_metrics: None,
             },
         ))
     }

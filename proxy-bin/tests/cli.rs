@@ -410,3 +410,159 @@ fn reload_swaps_the_tls_certificate_of_a_running_listener() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+fn get_with_status(addr: SocketAddr, path: &str) -> String {
+    get(addr, path)
+}
+
+#[test]
+fn metrics_count_retries_rejections_and_reloads() {
+    let up = named_upstream("alive");
+    let dead = free_port(); // nothing listens there
+    let (listen, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("proxy.toml");
+    let pid = dir.path().join("proxy.pid");
+    std::fs::write(
+        &conf,
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n\n[limit_req_zone.one]\nrate = \"1r/m\"\n\n[upstream.app]\nservers = [{{ addr = \"{dead}\" }}, {{ addr = \"{up}\" }}]\n\n[[server]]\nlisten = [\"{listen}\"]\n\n[[server.location]]\npath = \"/\"\nproxy_pass = \"app\"\n\n[[server.location]]\npath = \"/limited\"\nproxy_pass = \"app\"\nlimit_req = [{{ zone = \"one\" }}]\n"
+        ),
+    )
+    .unwrap();
+    let _p = start(
+        bin()
+            .arg("run")
+            .arg("-c")
+            .arg(&conf)
+            .arg("--pid-file")
+            .arg(&pid),
+        listen,
+    );
+    // Round-robin reaches the dead server first at least once in two requests: retried.
+    for _ in 0..2 {
+        assert!(get(listen, "/").starts_with("HTTP/1.1 200"));
+    }
+    assert!(get(listen, "/limited").starts_with("HTTP/1.1 200"));
+    assert!(get(listen, "/limited").starts_with("HTTP/1.1 503"));
+    assert!(bin()
+        .arg("reload")
+        .arg("--pid-file")
+        .arg(&pid)
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    let metrics = loop {
+        let m = get_with_status(admin, "/metrics");
+        if m.contains("proxy_config_reloads_total{result=\"ok\"} 1") {
+            break m;
+        }
+        assert!(start.elapsed() < DEADLINE, "reload never counted:\n{m}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        metrics.contains("proxy_upstream_retries_total{upstream=\"app\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("proxy_rate_limit_rejections_total{zone=\"one\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("proxy_config_last_reload_successful 1"),
+        "{metrics}"
+    );
+    assert!(get(admin, "/readyz").starts_with("HTTP/1.1 200"));
+}
+
+/// A raw upstream that answers an upgrade with 101 and then echoes bytes.
+fn echo_upgrade_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n");
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn websocket_opened_before_a_reload_still_echoes_after_it() {
+    let ws = echo_upgrade_upstream();
+    let other = named_upstream("other");
+    let listen = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("proxy.toml");
+    let pid = dir.path().join("proxy.pid");
+    std::fs::write(&conf, config_for(listen, ws)).unwrap();
+    let _p = start(
+        bin()
+            .arg("run")
+            .arg("-c")
+            .arg(&conf)
+            .arg("--pid-file")
+            .arg(&pid),
+        listen,
+    );
+    let mut c = TcpStream::connect(listen).unwrap();
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    c.write_all(b"GET /ws/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the 101");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // Reload to a config that sends everything elsewhere.
+    std::fs::write(&conf, config_for(listen, other)).unwrap();
+    assert!(bin()
+        .arg("reload")
+        .arg("--pid-file")
+        .arg(&pid)
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    while !get(listen, "/").ends_with("other") {
+        assert!(start.elapsed() < DEADLINE, "reload never took effect");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The tunnel opened before the reload still carries bytes both ways.
+    c.write_all(b"still here").unwrap();
+    let mut echoed = Vec::new();
+    while echoed.len() < b"still here".len() {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "tunnel closed by the reload");
+        echoed.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(echoed, b"still here");
+}

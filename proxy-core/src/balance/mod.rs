@@ -66,7 +66,7 @@ pub use group::{Group, GroupBuilder, GroupError, Lease, Policy};
 pub use health::HealthCheck;
 pub use pick::Tried;
 pub use server::{Server, ServerState, ServerStats};
-pub use service::{Balance, Condition, NextUpstream, UnknownCondition};
+pub use service::{Balance, Condition, NextUpstream, Retries, UnknownCondition};
 
 /// The README section (`docs/balance.md`), so that its example is compiled by the doc
 /// tests.

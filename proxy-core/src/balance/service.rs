@@ -312,7 +312,29 @@ enum Last {
 }
 
 /// The request loop of `ngx_http_upstream_next`.
+/// A response extension set when a request was tried on more than one server, for
+/// metrics (nginx's `proxy_next_upstream` retries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retries {
+    /// The upstream group's name.
+    pub group: String,
+    /// How many times the request was sent again to another server.
+    pub count: u32,
+}
+
 async fn run(inner: Arc<Inner>, req: Request) -> Response {
+    let mut attempts = 0u32;
+    let mut resp = attempt_all(&inner, req, &mut attempts).await;
+    if attempts > 1 {
+        resp.extensions_mut().insert(Retries {
+            group: inner.group.name().to_owned(),
+            count: attempts - 1,
+        });
+    }
+    resp
+}
+
+async fn attempt_all(inner: &Arc<Inner>, req: Request, attempts: &mut u32) -> Response {
     let group = &inner.group;
     let next = inner.next;
     let non_idempotent = is_non_idempotent(req.method());
@@ -330,6 +352,7 @@ async fn run(inner: Arc<Inner>, req: Request) -> Response {
         // (and its slot) before sending.
         drop(std::mem::replace(&mut last, Last::Nothing));
         attempt += 1;
+        *attempts = u32::try_from(attempt).unwrap_or(u32::MAX);
         // What to retry with, only when a retry may happen: a copy of a replayable
         // body, or a streamed body lent so that it can be reclaimed if never read.
         let (req, spare) = if next.retries_anything() && attempt < max_tries && !next.expired(start)

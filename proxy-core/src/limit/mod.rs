@@ -74,5 +74,5 @@ pub mod req;
 pub use conn::{LimitConnLayer, LimitConnStatus};
 pub use key::Key;
 pub use rate::{ParseRateError, Rate};
-pub use req::{Decision, Delay, LimitReqLayer, LimitReqStatus, ReqLimit};
+pub use req::{Decision, Delay, LimitReqLayer, LimitReqStatus, RejectedBy, ReqLimit};
 pub use zone::{ConnZone, ConnZoneBuilder, ReqZone, ReqZoneBuilder, DEFAULT_CAPACITY, ENTRY_BYTES};

@@ -155,6 +155,13 @@ impl ReqLimit {
     }
 }
 
+/// A response extension naming the zone that rejected a request, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedBy {
+    /// The zone's name.
+    pub zone: String,
+}
+
 /// nginx's `$limit_req_status`, put in the request's extensions when a limit acted (and
 /// in the response's when the request was rejected). Absent means passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -303,6 +310,11 @@ impl ReqConfig {
             HeaderValue::from(retry_ms.div_ceil(1000).max(1)),
         );
         resp.extensions_mut().insert(LimitReqStatus::Rejected);
+        if let Some(l) = self.limits.get(limit) {
+            resp.extensions_mut().insert(RejectedBy {
+                zone: l.zone.name().to_owned(),
+            });
+        }
         resp
     }
 

@@ -127,6 +127,12 @@ where
                     let status = resp.status().as_u16();
                     s.metrics
                         .request_finished(route, ext.get::<UpstreamInfo>(), status, elapsed);
+                    if let Some(r) = ext.get::<crate::balance::Retries>() {
+                        s.metrics.retries(&r.group).inc_by(u64::from(r.count));
+                    }
+                    if let Some(r) = ext.get::<crate::limit::RejectedBy>() {
+                        s.metrics.rate_limit_rejections(&r.zone).inc();
+                    }
                 }
                 // A service error reaches the client as a dropped connection.
                 Err(_) => s
