@@ -566,3 +566,64 @@ fn websocket_opened_before_a_reload_still_echoes_after_it() {
     }
     assert_eq!(echoed, b"still here");
 }
+
+#[test]
+fn access_log_is_combined_and_reopened_on_sigusr1() {
+    let up = named_upstream("logged");
+    let listen = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("proxy.toml");
+    let log = dir.path().join("access.log");
+    std::fs::write(
+        &conf,
+        format!(
+            "[access_log]\npath = \"access.log\"\nformat = \"combined\"\nbuffer = 0\nflush = \"100ms\"\n\n{}",
+            config_for(listen, up)
+        ),
+    )
+    .unwrap();
+    let p = start(bin().arg("run").arg("-c").arg(&conf), listen);
+    let wait_line = |path: &Path, what: &str| {
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains(what)) {
+                return line.to_owned();
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no {what:?} line in {}: {text:?}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert!(get(listen, "/first?x=1").starts_with("HTTP/1.1 200"));
+    let line = wait_line(&log, "/first");
+    // 127.0.0.1 - - [22/Nov/2026:05:30:00 +0000] "GET /first?x=1 HTTP/1.1" 200 6 "-" "-"
+    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+    assert!(
+        line.contains("] \"GET /first?x=1 HTTP/1.1\" 200 6 \"-\" \"-\""),
+        "{line}"
+    );
+    // logrotate: move the file, then SIGUSR1; new lines go to a new file at the old path.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    let st = Command::new("kill")
+        .args(["-USR1", &p.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let start = Instant::now();
+    loop {
+        assert!(get(listen, "/second").starts_with("HTTP/1.1 200"));
+        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("/second")) {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "the log was not reopened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(std::fs::read_to_string(&rotated)
+        .unwrap()
+        .contains("/first"));
+}

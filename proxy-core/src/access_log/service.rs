@@ -183,6 +183,15 @@ where
                     || status.is_informational()
                     || status == StatusCode::NO_CONTENT
                     || status == StatusCode::NOT_MODIFIED;
+                // hyper stops polling a body once it wrote Content-Length bytes and may
+                // drop it without reading its end: a body that delivered all its declared
+                // bytes is complete.
+                let expected = resp
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .or_else(|| resp.body().size_hint().exact());
                 Poll::Ready(Ok(resp.map(|body| {
                     // One box per logged response: every service speaks `ProxyBody`.
                     ProxyBody::boxed(ResponseBody {
@@ -190,6 +199,7 @@ where
                         log: Some((started, end)),
                         status: status.as_u16(),
                         bytes: 0,
+                        expected,
                         bodiless,
                     })
                 })))
@@ -215,6 +225,7 @@ pin_project! {
         log: Option<(Started, End)>,
         status: u16,
         bytes: u64,
+        expected: Option<u64>,
         bodiless: bool,
     }
 
@@ -225,7 +236,9 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some((started, end)) = this.log.take() {
-                let complete = *this.bodiless || this.inner.as_ref().get_ref().is_end_stream();
+                let complete = *this.bodiless
+                    || this.inner.as_ref().get_ref().is_end_stream()
+                    || *this.expected == Some(*this.bytes);
                 let status = if complete { *this.status } else { CLIENT_CLOSED };
                 started.finish(&end, *this.bytes, status);
             }
