@@ -120,6 +120,55 @@ fn start(cmd: &mut Command, listen: SocketAddr) -> Running {
     running
 }
 
+/// A proxy process started from a config file in a temp dir, with a pid file for reloads.
+struct Managed {
+    _running: Running,
+    _dir: tempfile::TempDir,
+    conf: PathBuf,
+    pid: PathBuf,
+}
+
+impl Managed {
+    /// Write `config` into `dir` (relative paths in it resolve there), run it and wait
+    /// until `listen` accepts. The directory lives as long as the process.
+    fn start(dir: tempfile::TempDir, config: &str, listen: SocketAddr) -> Managed {
+        let conf = dir.path().join("proxy.toml");
+        let pid = dir.path().join("proxy.pid");
+        std::fs::write(&conf, config).unwrap();
+        let running = start(
+            bin()
+                .arg("run")
+                .arg("-c")
+                .arg(&conf)
+                .arg("--pid-file")
+                .arg(&pid),
+            listen,
+        );
+        Managed {
+            _running: running,
+            _dir: dir,
+            conf,
+            pid,
+        }
+    }
+
+    /// Replace the config file and ask the running proxy to reload it.
+    fn reload(&self, config: &str) {
+        std::fs::write(&self.conf, config).unwrap();
+        self.signal_reload();
+    }
+
+    fn signal_reload(&self) {
+        let st = bin()
+            .arg("reload")
+            .arg("--pid-file")
+            .arg(&self.pid)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
 fn get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -236,17 +285,9 @@ fn reload_switches_upstreams_with_zero_failed_requests() {
     let blue = named_upstream("blue");
     let green = named_upstream("green");
     let listen = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("proxy.toml");
-    let pid = dir.path().join("proxy.pid");
-    std::fs::write(&conf, config_for(listen, blue)).unwrap();
-    let _p = start(
-        bin()
-            .arg("run")
-            .arg("-c")
-            .arg(&conf)
-            .arg("--pid-file")
-            .arg(&pid),
+    let p = Managed::start(
+        tempfile::tempdir().unwrap(),
+        &config_for(listen, blue),
         listen,
     );
     assert!(get(listen, "/").ends_with("blue"));
@@ -270,23 +311,13 @@ fn reload_switches_upstreams_with_zero_failed_requests() {
     });
 
     // A broken config is refused; the old one keeps serving.
-    std::fs::write(&conf, "[[server]]\nlisten = 5\n").unwrap();
-    let st = bin()
-        .arg("reload")
-        .arg("--pid-file")
-        .arg(&pid)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    p.reload(
+        "[[server]]
+listen = 5
+",
+    );
     // Blue-green: point the group at the new server and reload.
-    std::fs::write(&conf, config_for(listen, green)).unwrap();
-    let st = bin()
-        .arg("reload")
-        .arg("--pid-file")
-        .arg(&pid)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    p.reload(&config_for(listen, green));
     let start = Instant::now();
     while !get(listen, "/").ends_with("green") {
         assert!(start.elapsed() < DEADLINE, "reload never took effect");
@@ -367,24 +398,10 @@ fn reload_swaps_the_tls_certificate_of_a_running_listener() {
     std::fs::copy(&key_a, &live_key).unwrap();
     let up = named_upstream("tls");
     let listen = free_port();
-    let conf = dir.path().join("proxy.toml");
-    let pid = dir.path().join("proxy.pid");
-    std::fs::write(
-        &conf,
-        format!(
-            "[[server]]\nlisten = [\"{listen}\"]\nserver_name = [\"api.example.test\"]\ntls = {{ certificate = \"live.pem\", key = \"live.key\" }}\n\n[[server.location]]\npath = \"/\"\nproxy_pass = \"http://{up}\"\n"
-        ),
-    )
-    .unwrap();
-    let _p = start(
-        bin()
-            .arg("run")
-            .arg("-c")
-            .arg(&conf)
-            .arg("--pid-file")
-            .arg(&pid),
-        listen,
+    let config = format!(
+        "[[server]]\nlisten = [\"{listen}\"]\nserver_name = [\"api.example.test\"]\ntls = {{ certificate = \"live.pem\", key = \"live.key\" }}\n\n[[server.location]]\npath = \"/\"\nproxy_pass = \"http://{up}\"\n"
     );
+    let p = Managed::start(dir, &config, listen);
     assert!(
         served_subject(listen).contains("first"),
         "{}",
@@ -393,13 +410,7 @@ fn reload_swaps_the_tls_certificate_of_a_running_listener() {
     // certbot renews: the files change, then a reload.
     std::fs::copy(&cert_b, &live_cert).unwrap();
     std::fs::copy(&key_b, &live_key).unwrap();
-    assert!(bin()
-        .arg("reload")
-        .arg("--pid-file")
-        .arg(&pid)
-        .status()
-        .unwrap()
-        .success());
+    p.signal_reload();
     let start = Instant::now();
     loop {
         let subject = served_subject(listen);
@@ -420,38 +431,17 @@ fn metrics_count_retries_rejections_and_reloads() {
     let up = named_upstream("alive");
     let dead = free_port(); // nothing listens there
     let (listen, admin) = (free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("proxy.toml");
-    let pid = dir.path().join("proxy.pid");
-    std::fs::write(
-        &conf,
-        format!(
-            "[admin]\nlisten = \"{admin}\"\n\n[limit_req_zone.one]\nrate = \"1r/m\"\n\n[upstream.app]\nservers = [{{ addr = \"{dead}\" }}, {{ addr = \"{up}\" }}]\n\n[[server]]\nlisten = [\"{listen}\"]\n\n[[server.location]]\npath = \"/\"\nproxy_pass = \"app\"\n\n[[server.location]]\npath = \"/limited\"\nproxy_pass = \"app\"\nlimit_req = [{{ zone = \"one\" }}]\n"
-        ),
-    )
-    .unwrap();
-    let _p = start(
-        bin()
-            .arg("run")
-            .arg("-c")
-            .arg(&conf)
-            .arg("--pid-file")
-            .arg(&pid),
-        listen,
+    let config = format!(
+        "[admin]\nlisten = \"{admin}\"\n\n[limit_req_zone.one]\nrate = \"1r/m\"\n\n[upstream.app]\nservers = [{{ addr = \"{dead}\" }}, {{ addr = \"{up}\" }}]\n\n[[server]]\nlisten = [\"{listen}\"]\n\n[[server.location]]\npath = \"/\"\nproxy_pass = \"app\"\n\n[[server.location]]\npath = \"/limited\"\nproxy_pass = \"app\"\nlimit_req = [{{ zone = \"one\" }}]\n"
     );
+    let p = Managed::start(tempfile::tempdir().unwrap(), &config, listen);
     // Round-robin reaches the dead server first at least once in two requests: retried.
     for _ in 0..2 {
         assert!(get(listen, "/").starts_with("HTTP/1.1 200"));
     }
     assert!(get(listen, "/limited").starts_with("HTTP/1.1 200"));
     assert!(get(listen, "/limited").starts_with("HTTP/1.1 503"));
-    assert!(bin()
-        .arg("reload")
-        .arg("--pid-file")
-        .arg(&pid)
-        .status()
-        .unwrap()
-        .success());
+    p.signal_reload();
     let start = Instant::now();
     let metrics = loop {
         let m = get_with_status(admin, "/metrics");
@@ -514,17 +504,9 @@ fn websocket_opened_before_a_reload_still_echoes_after_it() {
     let ws = echo_upgrade_upstream();
     let other = named_upstream("other");
     let listen = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("proxy.toml");
-    let pid = dir.path().join("proxy.pid");
-    std::fs::write(&conf, config_for(listen, ws)).unwrap();
-    let _p = start(
-        bin()
-            .arg("run")
-            .arg("-c")
-            .arg(&conf)
-            .arg("--pid-file")
-            .arg(&pid),
+    let p = Managed::start(
+        tempfile::tempdir().unwrap(),
+        &config_for(listen, ws),
         listen,
     );
     let mut c = TcpStream::connect(listen).unwrap();
@@ -543,14 +525,7 @@ fn websocket_opened_before_a_reload_still_echoes_after_it() {
         String::from_utf8_lossy(&got)
     );
     // Reload to a config that sends everything elsewhere.
-    std::fs::write(&conf, config_for(listen, other)).unwrap();
-    assert!(bin()
-        .arg("reload")
-        .arg("--pid-file")
-        .arg(&pid)
-        .status()
-        .unwrap()
-        .success());
+    p.reload(&config_for(listen, other));
     let start = Instant::now();
     while !get(listen, "/").ends_with("other") {
         assert!(start.elapsed() < DEADLINE, "reload never took effect");
