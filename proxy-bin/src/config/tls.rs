@@ -71,6 +71,14 @@ pub(super) fn acceptor(
             let k = super::location::resolve(src, k);
             match proxy_tls::certs::load_pem_files(&cert, &k) {
                 Ok(loaded) => {
+                    let soon = Duration::from_secs(14 * 24 * 3600);
+                    if loaded.expires_within(std::time::SystemTime::now(), soon) {
+                        tracing::warn!(
+                            certificate = %cert.display(),
+                            names = ?loaded.names(),
+                            "certificate expires within 14 days"
+                        );
+                    }
                     store.insert(id.clone(), loaded);
                     files.push((id, cert, k));
                 }

@@ -39,6 +39,9 @@ pub struct HttpConfig {
     pub max_connections: Option<usize>,
     /// How long graceful shutdown waits for in-flight requests (default 30 s).
     pub shutdown_timeout: Duration,
+    /// After the listener closes, how long connections that were just accepted get to
+    /// send their first request before idle connections are closed (default 500 ms).
+    pub shutdown_linger: Duration,
 }
 
 impl Default for HttpConfig {
@@ -54,6 +57,7 @@ impl Default for HttpConfig {
             h2_max_concurrent_streams: 128,
             max_connections: None,
             shutdown_timeout: Duration::from_secs(30),
+            shutdown_linger: Duration::from_millis(500),
         }
     }
 }

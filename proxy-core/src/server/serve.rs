@@ -195,6 +195,15 @@ impl<A: Accept> Server<A> {
         drop(self.listener);
         // Dropping a JoinSet aborts its tasks: detach them so in-flight requests finish.
         tasks.detach_all();
+        // A connection accepted just before the stop may not have sent its request yet;
+        // hyper's graceful shutdown would close it as idle with the request unread, and
+        // the client would see a reset. Give such connections a moment first.
+        tokio::time::sleep(
+            self.config
+                .shutdown_linger
+                .min(self.config.shutdown_timeout),
+        )
+        .await;
         if tokio::time::timeout(self.config.shutdown_timeout, graceful.shutdown())
             .await
             .is_err()
