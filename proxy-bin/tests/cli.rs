@@ -422,10 +422,6 @@ fn reload_swaps_the_tls_certificate_of_a_running_listener() {
     }
 }
 
-fn get_with_status(addr: SocketAddr, path: &str) -> String {
-    get(addr, path)
-}
-
 #[test]
 fn metrics_count_retries_rejections_and_reloads() {
     let up = named_upstream("alive");
@@ -444,7 +440,7 @@ fn metrics_count_retries_rejections_and_reloads() {
     p.signal_reload();
     let start = Instant::now();
     let metrics = loop {
-        let m = get_with_status(admin, "/metrics");
+        let m = get(admin, "/metrics");
         if m.contains("proxy_config_reloads_total{result=\"ok\"} 1") {
             break m;
         }
