@@ -22,6 +22,7 @@
 //! ```
 
 mod actions;
+mod fuzz;
 mod host;
 mod location;
 mod path;
@@ -38,6 +39,8 @@ use tower::util::{BoxCloneSyncService, Oneshot};
 use tower::ServiceExt;
 
 pub use actions::{Redirect, Return};
+#[doc(hidden)]
+pub use fuzz::fuzz_route;
 use host::host_of_cow;
 pub use host::{host_of, ServerName};
 pub use location::{Locations, Pattern};
