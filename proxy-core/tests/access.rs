@@ -7,40 +7,14 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use proxy_core::access::{AccessLayer, AccessRules};
 use proxy_core::body::{ProxyBody, Request, Response};
-use proxy_core::client_info::{ClientInfo, Scheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tower::{service_fn, Layer, Service, ServiceExt};
+use tokio::net::TcpStream;
+use tower::{service_fn, Layer, Service};
 
-async fn serve<S>(svc: S) -> SocketAddr
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let local = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, peer)) = listener.accept().await {
-            let svc = svc.clone();
-            tokio::spawn(async move {
-                let info = ClientInfo::new(peer, local, Scheme::Http);
-                let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                    let mut req = req.map(ProxyBody::from);
-                    req.extensions_mut().insert(info.clone());
-                    svc.clone().oneshot(req)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), hyper_svc)
-                    .await;
-            });
-        }
-    });
-    local
-}
+mod support;
+use support::serve;
 
 async fn raw_get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();

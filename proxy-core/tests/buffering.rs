@@ -2,8 +2,6 @@
 //! layers served by hyper in front of `Forward`, raw TCP clients.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -16,70 +14,18 @@ use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use proxy_core::buffer::{BodyLimitLayer, RequestBufferLayer, ResponseBufferLayer};
 use proxy_core::upstream::{ClientConfig, Forward, UpstreamClient};
-use proxy_core::{Error, ProxyBody, Request, Response};
+use proxy_core::{Error, ProxyBody};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tower::{Layer, Service, ServiceExt};
+use tower::Layer;
+
+mod support;
+use support::*;
 
 // ---- support ----------------------------------------------------------------------
-
-/// An upstream on an ephemeral port; counts the connections it accepted.
-async fn spawn_upstream<F, Fut>(handler: F) -> (SocketAddr, Arc<AtomicUsize>)
-where
-    F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = http::Response<ProxyBody>> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepts = Arc::new(AtomicUsize::new(0));
-    let counter = accepts.clone();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            counter.fetch_add(1, Ordering::SeqCst);
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let h = handler.clone();
-                    async move { Ok::<_, Infallible>(h(req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, accepts)
-}
-
-/// The proxy: `svc` served by hyper on an ephemeral port.
-async fn spawn_proxy<S>(svc: S) -> SocketAddr
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let svc = svc.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                    svc.clone().oneshot(req.map(ProxyBody::from))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 fn forward(upstream: SocketAddr) -> Forward {
     Forward::new(UpstreamClient::new(ClientConfig::default()), upstream)
@@ -185,7 +131,7 @@ impl Body for Pattern {
 async fn pattern_upstream(copies: usize) -> (SocketAddr, Arc<AtomicBool>) {
     let done = Arc::new(AtomicBool::new(false));
     let flag = done.clone();
-    let (addr, _) = spawn_upstream(move |_req| {
+    let (addr, _) = upstream_counting_connections(move |_req| {
         let body = Pattern {
             chunk: reference(),
             left: copies,
@@ -220,7 +166,7 @@ async fn drain_pattern(stream: &mut TcpStream, already: Vec<u8>, total: usize) {
 /// An upstream that answers with the length of the body it got and whether it was
 /// sent with a Content-Length.
 async fn echo_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
-    spawn_upstream(|req: http::Request<Incoming>| async move {
+    upstream_counting_connections(|req: http::Request<Incoming>| async move {
         let cl = req.headers().contains_key(http::header::CONTENT_LENGTH);
         let body = req.into_body().collect().await.unwrap().to_bytes();
         let ok = body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8);
@@ -237,7 +183,7 @@ async fn a_slow_upload_opens_no_upstream_connection_until_it_is_complete() {
     let layer = RequestBufferLayer::new()
         .memory_limit(1024)
         .temp_dir(&dir_path);
-    let proxy = spawn_proxy(layer.layer(forward(upstream))).await;
+    let proxy = serve(layer.layer(forward(upstream))).await;
 
     let body: Vec<u8> = (0..10_000).map(|i| (i % 251) as u8).collect();
     let mut client = TcpStream::connect(proxy).await.unwrap();
@@ -311,7 +257,7 @@ async fn a_body_over_the_limit_is_413_and_nothing_reaches_the_upstream() {
                 .memory_limit(100),
         )
         .service(forward(upstream));
-    let proxy = spawn_proxy(stack).await;
+    let proxy = serve(stack).await;
 
     // Declared: refused before any body byte is read.
     let mut client = TcpStream::connect(proxy).await.unwrap();
@@ -350,7 +296,7 @@ async fn a_slow_reader_does_not_hold_the_upstream() {
     let (upstream, sent_everything) = pattern_upstream(copies).await;
     let dir = tempfile::tempdir().unwrap();
     let layer = ResponseBufferLayer::new().temp_dir(dir.path());
-    let proxy = spawn_proxy(layer.layer(forward(upstream))).await;
+    let proxy = serve(layer.layer(forward(upstream))).await;
 
     let mut client = TcpStream::connect(proxy).await.unwrap();
     client
@@ -374,7 +320,7 @@ async fn without_buffering_the_upstream_waits_for_the_client() {
     // The control for the test above: the same exchange streamed.
     let copies = 32 * 1024 * 1024 / PERIOD + 1;
     let (upstream, sent_everything) = pattern_upstream(copies).await;
-    let proxy = spawn_proxy(forward(upstream)).await;
+    let proxy = serve(forward(upstream)).await;
     let mut client = TcpStream::connect(proxy).await.unwrap();
     client
         .write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -395,7 +341,7 @@ async fn a_100_mib_response_spills_to_disk_and_the_file_goes_away() {
     let layer = ResponseBufferLayer::new()
         .memory_limit(memory)
         .temp_dir(&dir_path);
-    let proxy = spawn_proxy(layer.layer(forward(upstream))).await;
+    let proxy = serve(layer.layer(forward(upstream))).await;
 
     let mut client = TcpStream::connect(proxy).await.unwrap();
     client
@@ -441,7 +387,7 @@ async fn a_client_abort_removes_the_spill_file() {
     let layer = ResponseBufferLayer::new()
         .memory_limit(1024)
         .temp_dir(&dir_path);
-    let proxy = spawn_proxy(layer.layer(forward(upstream))).await;
+    let proxy = serve(layer.layer(forward(upstream))).await;
     let mut client = TcpStream::connect(proxy).await.unwrap();
     client
         .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -465,7 +411,7 @@ async fn x_accel_buffering_no_streams_and_is_not_passed_on() {
     let copies = 32 * 1024 * 1024 / PERIOD + 1;
     let done = Arc::new(AtomicBool::new(false));
     let flag = done.clone();
-    let (upstream, _) = spawn_upstream(move |_req| {
+    let (upstream, _) = upstream_counting_connections(move |_req| {
         let body = Pattern {
             chunk: reference(),
             left: copies,
@@ -479,7 +425,7 @@ async fn x_accel_buffering_no_streams_and_is_not_passed_on() {
         }
     })
     .await;
-    let proxy = spawn_proxy(ResponseBufferLayer::new().layer(forward(upstream))).await;
+    let proxy = serve(ResponseBufferLayer::new().layer(forward(upstream))).await;
     let mut client = TcpStream::connect(proxy).await.unwrap();
     client
         .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")

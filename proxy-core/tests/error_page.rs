@@ -11,41 +11,16 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use proxy_core::body::{ProxyBody, Request, Response};
-use proxy_core::client_info::{ClientInfo, Scheme};
 use proxy_core::error_page::{ErrorPageLayer, ErrorPages, Page};
 use proxy_core::upstream::{ClientConfig, Forward, UpstreamClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tower::{Layer, Service, ServiceExt};
+use tower::Layer;
+
+mod support;
+use support::serve;
 
 const MAINTENANCE: &str = "<html><body>Down for maintenance</body></html>";
-
-async fn serve<S>(svc: S) -> SocketAddr
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let local = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, peer)) = listener.accept().await {
-            let svc = svc.clone();
-            tokio::spawn(async move {
-                let info = ClientInfo::new(peer, local, Scheme::Http);
-                let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                    let mut req = req.map(ProxyBody::from);
-                    req.extensions_mut().insert(info.clone());
-                    svc.clone().oneshot(req)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), hyper_svc)
-                    .await;
-            });
-        }
-    });
-    local
-}
 
 /// An upstream app: `/busy` is its own 503 with a JSON body, anything else 200.
 async fn upstream() -> SocketAddr {

@@ -14,7 +14,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod robust_support;
-mod support;
 
 use std::time::Duration;
 

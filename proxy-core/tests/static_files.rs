@@ -3,51 +3,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use proxy_core::body::{ProxyBody, Request, Response};
-use proxy_core::client_info::{ClientInfo, Scheme};
+use proxy_core::body::ProxyBody;
 use proxy_core::static_files::{SkipAccessLog, StaticFiles};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tower::{Service, ServiceExt};
+use tokio::net::TcpStream;
+use tower::ServiceExt;
 
-/// Serves `svc` on an ephemeral 127.0.0.1 port, one hyper HTTP/1.1 connection per accept.
-async fn serve<S>(svc: S) -> SocketAddr
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let local = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                return;
-            };
-            let svc = svc.clone();
-            tokio::spawn(async move {
-                let info = ClientInfo::new(peer, local, Scheme::Http);
-                let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                    let mut req = req.map(ProxyBody::from);
-                    req.extensions_mut().insert(info.clone());
-                    svc.clone().oneshot(req)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), hyper_svc)
-                    .await;
-            });
-        }
-    });
-    local
-}
+mod support;
+use support::serve;
 
 /// One request on a fresh connection; the whole body collected.
 async fn send(

@@ -3,9 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,37 +23,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-// ---- support ----------------------------------------------------------------------
+mod support;
+use support::*;
 
-/// An upstream on an ephemeral port; counts the requests it got.
-async fn spawn_upstream<F, Fut>(handler: F) -> (SocketAddr, Arc<AtomicUsize>)
-where
-    F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = http::Response<ProxyBody>> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(AtomicUsize::new(0));
-    let counter = requests.clone();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let handler = handler.clone();
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    let h = handler.clone();
-                    async move { Ok::<_, Infallible>(h(req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, requests)
-}
+// ---- support ----------------------------------------------------------------------
 
 #[derive(Default, Clone, Copy)]
 struct Opts {
@@ -156,7 +128,7 @@ const DEADLINE: Duration = Duration::from_secs(5);
 
 #[tokio::test]
 async fn slowloris_is_cut_off_at_the_header_timeout_while_others_are_served() {
-    let (upstream, _) = spawn_upstream(ok_upstream()).await;
+    let (upstream, _) = upstream_counting_requests(ok_upstream()).await;
     let opts = Opts {
         header_timeout: Some(Duration::from_millis(500)),
         ..Opts::default()
@@ -201,7 +173,7 @@ async fn slowloris_is_cut_off_at_the_header_timeout_while_others_are_served() {
 
 #[tokio::test]
 async fn a_stalled_upload_is_408_at_the_body_timeout() {
-    let (upstream, requests) = spawn_upstream(ok_upstream()).await;
+    let (upstream, requests) = upstream_counting_requests(ok_upstream()).await;
     let stack = tower::ServiceBuilder::new()
         .layer(ClientBodyTimeoutLayer::new(Duration::from_millis(300)))
         .layer(RequestBufferLayer::new())
@@ -228,7 +200,7 @@ async fn a_stalled_upload_is_408_at_the_body_timeout() {
 async fn a_streamed_upload_that_stalls_is_408_not_502() {
     // Without request buffering the body streams to the upstream; its failure is still
     // reported as the client's.
-    let (upstream, _) = spawn_upstream(|req: http::Request<Incoming>| async move {
+    let (upstream, _) = upstream_counting_requests(|req: http::Request<Incoming>| async move {
         let _ = http_body_util::BodyExt::collect(req.into_body()).await;
         http::Response::new(ProxyBody::from("ok"))
     })
@@ -252,7 +224,7 @@ async fn a_streamed_upload_that_stalls_is_408_not_502() {
 #[tokio::test]
 async fn a_client_that_stops_reading_is_disconnected_at_the_send_timeout() {
     let big = Bytes::from(vec![b'x'; 1024 * 1024]);
-    let (upstream, _) = spawn_upstream(move |_req| {
+    let (upstream, _) = upstream_counting_requests(move |_req| {
         let big = big.clone();
         async move {
             let frames = std::iter::repeat_n(big, 64)
@@ -291,7 +263,7 @@ async fn a_client_that_stops_reading_is_disconnected_at_the_send_timeout() {
 
 #[tokio::test]
 async fn a_long_uri_is_414_and_huge_headers_are_431() {
-    let (upstream, _) = spawn_upstream(ok_upstream()).await;
+    let (upstream, _) = upstream_counting_requests(ok_upstream()).await;
     let (proxy, _) = spawn_proxy(forward(upstream, DEADLINE), Opts::default()).await;
     // hyper's own limits: request target over 64 KiB, head over its buffer (~400 KiB),
     // more than 100 header fields.
@@ -320,7 +292,7 @@ async fn a_long_uri_is_414_and_huge_headers_are_431() {
 async fn requests_over_the_concurrency_cap_get_503_at_once() {
     let release = Arc::new(Notify::new());
     let gate = release.clone();
-    let (upstream, requests) = spawn_upstream(move |_req| {
+    let (upstream, requests) = upstream_counting_requests(move |_req| {
         let gate = gate.clone();
         async move {
             gate.notified().await;
@@ -353,7 +325,7 @@ async fn requests_over_the_concurrency_cap_get_503_at_once() {
 
 #[tokio::test]
 async fn a_hung_upstream_is_504_at_the_read_timeout() {
-    let (upstream, _) = spawn_upstream(|_req| std::future::pending()).await;
+    let (upstream, _) = upstream_counting_requests(|_req| std::future::pending()).await;
     let (proxy, _) = spawn_proxy(
         forward(upstream, Duration::from_millis(300)),
         Opts::default(),
@@ -369,7 +341,7 @@ async fn a_hung_upstream_is_504_at_the_read_timeout() {
 
 #[tokio::test]
 async fn an_upstream_stalling_mid_body_closes_the_client_connection() {
-    let (upstream, _) = spawn_upstream(|_req| async {
+    let (upstream, _) = upstream_counting_requests(|_req| async {
         let frames = futures_util::StreamExt::chain(
             futures_util::stream::iter([Ok::<_, proxy_core::Error>(http_body::Frame::data(
                 Bytes::from_static(b"0123456789"),

@@ -16,6 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// How long any wait in these tests may last before the test fails.
+#[path = "../support/mod.rs"]
+pub mod support;
+/// Write `bytes` on a fresh connection and read until the proxy closes it.
+pub use support::raw as exchange;
+
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 pub use proxy_core::testing::strict::*;
@@ -283,32 +288,6 @@ pub fn parse_responses(mut buf: &[u8]) -> Vec<RawResponse> {
         out.push(resp);
         buf = rest;
     }
-    out
-}
-
-/// Write `bytes` on a fresh connection to `addr` and read until the proxy closes it.
-pub async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    read_to_close(&mut s).await
-}
-
-/// Read until EOF or reset; fails the test if the peer keeps the connection open past
-/// the deadline.
-pub async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let read = async {
-        let mut buf = [0u8; 8192];
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(DEADLINE, read)
-        .await
-        .expect("the proxy neither answered and closed nor closed");
     out
 }
 

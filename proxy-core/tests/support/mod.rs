@@ -246,3 +246,83 @@ pub async fn wait_for(mut cond: impl FnMut() -> bool) {
 pub fn full(b: impl Into<Bytes>) -> ProxyBody {
     ProxyBody::boxed(Full::new(b.into()))
 }
+
+/// Serve `service` with the crate's [`Server`] on an ephemeral port for the rest of the
+/// test (the server puts the socket peer in `ClientInfo`, as in production).
+pub async fn serve<S>(service: S) -> SocketAddr
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(Server::new(listener).serve(service, std::future::pending::<()>()));
+    addr
+}
+
+/// A streaming upstream (the handler gets hyper's request with its body unread), with
+/// counts of the connections it accepted and the requests it was handed.
+pub struct CountingUpstream {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
+}
+
+impl CountingUpstream {
+    pub async fn start<F, Fut>(handler: F) -> CountingUpstream
+    where
+        F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = http::Response<ProxyBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (conns, reqs) = (connections.clone(), requests.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (handler, reqs) = (handler.clone(), reqs.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        reqs.fetch_add(1, Ordering::SeqCst);
+                        let h = handler.clone();
+                        async move { Ok::<_, Infallible>(h(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        CountingUpstream {
+            addr,
+            connections,
+            requests,
+        }
+    }
+}
+
+/// [`CountingUpstream::start`], giving its address and its count of connections.
+pub async fn upstream_counting_connections<F, Fut>(handler: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = http::Response<ProxyBody>> + Send + 'static,
+{
+    let u = CountingUpstream::start(handler).await;
+    (u.addr, u.connections)
+}
+
+/// [`CountingUpstream::start`], giving its address and its count of requests.
+pub async fn upstream_counting_requests<F, Fut>(handler: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = http::Response<ProxyBody>> + Send + 'static,
+{
+    let u = CountingUpstream::start(handler).await;
+    (u.addr, u.requests)
+}
