@@ -79,6 +79,8 @@ pub(super) struct Group {
 /// The zones locations refer to, by name.
 pub(super) struct Zones {
     pub(super) req: HashMap<String, AnyReqZone>,
+    /// Request zones defined but not built (already reported).
+    pub(super) failed_req: std::collections::HashSet<String>,
     pub(super) conn: HashMap<String, ConnZone>,
 }
 
@@ -120,6 +122,13 @@ pub async fn build(
     let (groups, dns_groups) =
         build_groups(src, &config.upstream, &resolver, shared, &mut errs).await;
     let passes = dns::proxy_pass_names(config, &resolver).await;
+    // Groups defined but not built have been reported: locations naming them say no more.
+    let failed_groups: std::collections::HashSet<String> = config
+        .upstream
+        .keys()
+        .filter(|name| !groups.contains_key(*name))
+        .cloned()
+        .collect();
     let zones = build_zones(src, config, shared, &mut errs);
     let default_log = match &config.access_log {
         Some(cfg) => match shared.access_log(cfg.get_ref(), &src.base_dir()) {
@@ -145,6 +154,7 @@ pub async fn build(
             server,
             groups: &groups,
             passes: &passes,
+            failed_groups: &failed_groups,
             zones: &zones,
             shared: &mut *shared,
             default_log: default_log.clone(),
@@ -342,7 +352,17 @@ fn build_zones(
             Err(e) => errs.push(src.diag(Some(cfg.span()), format!("limit_conn_zone.{name}"), e)),
         }
     }
-    Zones { req, conn }
+    let failed_req = config
+        .limit_req_zone
+        .keys()
+        .filter(|name| !req.contains_key(*name))
+        .cloned()
+        .collect();
+    Zones {
+        req,
+        failed_req,
+        conn,
+    }
 }
 
 /// Every `[upstream.NAME]`: its servers (IP addresses, host names resolved once, or

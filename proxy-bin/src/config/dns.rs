@@ -290,8 +290,201 @@ pub(super) async fn proxy_pass_names(
 }
 
 #[cfg(test)]
+#[path = "../../../proxy-core/tests/dns_server/mod.rs"]
+mod dns_server;
+
+#[cfg(test)]
 mod tests {
+    use super::dns_server::{a, srv, Dns, RecordType};
     use super::*;
+    use crate::config::{Shared, Source};
+
+    fn src(text: &str) -> Source {
+        Source {
+            file: std::path::PathBuf::from("test.toml"),
+            text: text.to_owned(),
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// The errors of `text` (which must have some).
+    fn errors(text: &str) -> Vec<Diagnostic> {
+        rt().block_on(async { crate::config::load(&src(text), &mut Shared::default()).await })
+            .unwrap_err()
+    }
+
+    const SERVER: &str = "\n[[server]]\nlisten = [\"127.0.0.1:1\"]\n[[server.location]]\npath = \"/\"\nproxy_pass = \"app\"\n";
+
+    #[test]
+    fn server_entries_are_checked_with_line_and_key() {
+        let cases = [
+            (
+                "{ srv = \"_http._tcp.app.test\" }",
+                "upstream.app.servers[0].srv",
+                "needs resolve = true",
+            ),
+            (
+                "{ addr = \"app.test:80\", srv = \"_http._tcp.app.test\", resolve = true }",
+                "upstream.app.servers[0].srv",
+                "not both",
+            ),
+            ("{ weight = 2 }", "upstream.app.servers[0]", "needs addr"),
+            (
+                "{ srv = \"_http._tcp.app.test\", resolve = true, weight = 2 }",
+                "upstream.app.servers[0].srv",
+                "come from the SRV records",
+            ),
+            (
+                "{ addr = \"app test:80\", resolve = true }",
+                "upstream.app.servers[0].addr",
+                "is not an address",
+            ),
+            (
+                "{ addr = \"app.test\", resolve = true }",
+                "upstream.app.servers[0].addr",
+                "is not an address",
+            ),
+        ];
+        for (server, key, message) in cases {
+            let text = format!("[upstream.app]\nservers = [\n  {server},\n]\n{SERVER}");
+            let errs = errors(&text);
+            assert_eq!(errs.len(), 1, "{server}: {errs:?}");
+            assert_eq!(errs[0].key, key, "{server}: {}", errs[0]);
+            assert!(errs[0].message.contains(message), "{server}: {}", errs[0]);
+            assert_eq!(errs[0].line, 3, "{server}: {}", errs[0]);
+        }
+    }
+
+    #[test]
+    fn resolver_table_is_checked() {
+        let text = format!(
+            "[resolver]\nnameservers = [\"127.0.0.1:53\", \"dns.example\"]\nmin_ttl = \"10s\"\nmax_ttl = \"5s\"\n\n[upstream.app]\nservers = [{{ addr = \"127.0.0.1:8000\" }}]\n{SERVER}"
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!(
+            (errs[0].key.as_str(), errs[0].line, errs[0].column),
+            ("resolver.nameservers", 2, 32),
+            "{}",
+            errs[0]
+        );
+        assert_eq!(errs[1].key, "resolver.min_ttl", "{}", errs[1]);
+        let errs = errors(&format!("[resolver]\ntimeot = \"1s\"\n{SERVER}"));
+        assert_eq!(
+            (errs[0].line, errs[0].key.as_str()),
+            (2, "timeot"),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn names_resolved_once_become_servers_and_unresolvable_ones_are_errors() {
+        rt().block_on(async {
+            let dns = Dns::start().await;
+            dns.set("app.test.", RecordType::A, vec![a([127, 0, 0, 1]), a([127, 0, 0, 2])]);
+            dns.set("pass.test.", RecordType::A, vec![a([127, 0, 0, 3])]);
+            let resolver = format!(
+                "[resolver]\nnameservers = [\"{}\"]\ntimeout = \"1s\"\n",
+                dns.addr
+            );
+            let good = format!(
+                "{resolver}[upstream.app]\nservers = [{{ addr = \"app.test:8000\", max_fails = 3 }}]\n{SERVER}[[server.location]]\npath = \"/p\"\nproxy_pass = \"http://pass.test\"\n"
+            );
+            let plan = crate::config::load(&src(&good), &mut Shared::default())
+                .await
+                .unwrap();
+            let mut servers: Vec<String> = plan
+                .groups
+                .iter()
+                .flat_map(|g| g.stats().map(|s| s.addr.to_string()).collect::<Vec<_>>())
+                .collect();
+            servers.sort();
+            assert_eq!(servers, ["127.0.0.1:8000", "127.0.0.2:8000"]);
+            assert!(plan.dns.0.is_empty(), "resolved once: nothing follows DNS");
+
+            let bad = format!(
+                "{resolver}[upstream.app]\nservers = [{{ addr = \"missing.test:8000\" }}]\n{SERVER}[[server.location]]\npath = \"/p\"\nproxy_pass = \"http://gone.test:81/\"\n"
+            );
+            let errs = crate::config::load(&src(&bad), &mut Shared::default())
+                .await
+                .unwrap_err();
+            assert_eq!(errs.len(), 2, "{errs:?}");
+            assert_eq!(
+                (errs[0].key.as_str(), errs[0].line),
+                ("upstream.app.servers[0].addr", 5),
+                "{}",
+                errs[0]
+            );
+            assert!(errs[0].message.contains("missing.test"), "{}", errs[0]);
+            assert_eq!(
+                (errs[1].key.as_str(), errs[1].line),
+                ("server[0].location[1].proxy_pass", 14),
+                "{}",
+                errs[1]
+            );
+        });
+    }
+
+    #[test]
+    fn followed_groups_survive_a_reload_unless_changed() {
+        rt().block_on(async {
+            let dns = Dns::start().await;
+            dns.set("app.test.", RecordType::A, vec![a([127, 0, 0, 1])]);
+            dns.set(
+                "_http._tcp.srv.test.",
+                RecordType::SRV,
+                vec![srv(10, 2, 8001, "app.test.")],
+            );
+            let config = |max_fails: u32| {
+                format!(
+                    "[resolver]\nnameservers = [\"{}\"]\nvalid = \"1h\"\n\n[upstream.app]\nservers = [{{ addr = \"app.test:8000\", resolve = true, max_fails = {max_fails} }}, {{ addr = \"127.0.0.9:9\", backup = true }}]\n\n[upstream.srv]\nservers = [{{ srv = \"_http._tcp.srv.test\", resolve = true }}]\n{SERVER}",
+                    dns.addr
+                )
+            };
+            let mut shared = Shared::default();
+            let plan = crate::config::load(&src(&config(3)), &mut shared)
+                .await
+                .unwrap();
+            let app = plan.dns.0["app"].group.clone();
+            let view: Vec<_> = app.stats().map(|s| (s.addr.to_string(), s.backup)).collect();
+            assert_eq!(
+                view,
+                [("127.0.0.1:8000".to_owned(), false), ("127.0.0.9:9".to_owned(), true)]
+            );
+            let srv_group = plan.dns.0["srv"].group.clone();
+            let view: Vec<_> = srv_group.stats().map(|s| (s.addr.to_string(), s.weight)).collect();
+            assert_eq!(view, [("127.0.0.1:8001".to_owned(), 2)]);
+            shared.set_dns_groups(plan.dns);
+
+            // Same settings: the same group (and task). Changed: a new one.
+            let again = crate::config::load(&src(&config(3)), &mut shared)
+                .await
+                .unwrap();
+            assert!(Arc::ptr_eq(&again.dns.0["app"].group, &app));
+            let changed = crate::config::load(&src(&config(4)), &mut shared)
+                .await
+                .unwrap();
+            assert!(!Arc::ptr_eq(&changed.dns.0["app"].group, &app));
+            assert!(Arc::ptr_eq(&changed.dns.0["srv"].group, &srv_group));
+
+            // Nothing resolves at start: an error with the group's key (the unchanged
+            // SRV group is kept as it is, not resolved again).
+            dns.clear();
+            let errs = crate::config::load(&src(&config(5)), &mut shared)
+                .await
+                .unwrap_err();
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0].key, "upstream.app.servers", "{}", errs[0]);
+            assert!(errs[0].message.contains("app.test"), "{}", errs[0]);
+        });
+    }
 
     #[test]
     fn host_ports() {

@@ -64,6 +64,8 @@ pub(super) struct Ctx<'a, 's> {
     pub(super) groups: &'a std::collections::HashMap<String, Group>,
     /// `proxy_pass = "http://HOST:PORT"` names, resolved once.
     pub(super) passes: &'a std::collections::HashMap<String, Result<Vec<SocketAddr>, String>>,
+    /// Upstream groups that are defined but could not be built (already reported).
+    pub(super) failed_groups: &'a std::collections::HashSet<String>,
     pub(super) zones: &'a Zones,
     pub(super) shared: &'s mut Shared,
     pub(super) default_log: Option<AccessLogWriter>,
@@ -398,6 +400,7 @@ fn proxy_pass(
             g.group.clone(),
             custom_upgrades.unwrap_or_else(|| g.client.clone()),
         )),
+        None if ctx.failed_groups.contains(target) => None,
         None => {
             errs.push(src.diag(
                 Some(pass.span()),
@@ -579,6 +582,9 @@ fn limit_req(
     for l in list {
         let cfg = l.get_ref();
         let Some(zone) = ctx.zones.req.get(&cfg.zone) else {
+            if ctx.zones.failed_req.contains(&cfg.zone) {
+                continue;
+            }
             errs.push(ctx.src.diag(
                 Some(l.span()),
                 k.clone(),

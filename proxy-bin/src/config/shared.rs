@@ -277,3 +277,100 @@ impl Shared {
         self.logs.values()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Diagnostic, Shared, Source};
+
+    fn load(text: &str, shared: &mut Shared) -> Result<crate::config::Plan, Vec<Diagnostic>> {
+        let source = Source {
+            file: std::path::PathBuf::from("test.toml"),
+            text: text.to_owned(),
+        };
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async { crate::config::load(&source, shared).await })
+    }
+
+    const LOCATION: &str = "\n[[server]]\nlisten = [\"127.0.0.1:1\"]\n[[server.location]]\npath = \"/\"\nreturn = 200\nlimit_req = [{ zone = \"api\", burst = 5, nodelay = true }]\n";
+
+    #[test]
+    fn redis_backend_is_checked_with_line_and_key() {
+        let cases = [
+            (
+                "{ redis = \"redis://127.0.0.1:6379/0\", fail = \"maybe\" }",
+                "limit_req_zone.api.backend.fail",
+                4,
+                "\"maybe\"",
+            ),
+            (
+                "{ redis = \"http://127.0.0.1\" }",
+                "limit_req_zone.api.backend.redis",
+                4,
+                "invalid Redis URL",
+            ),
+            (
+                "{ redis = \"redis://127.0.0.1\", timeout = \"0\" }",
+                "limit_req_zone.api.backend.timeout",
+                4,
+                "more than 0",
+            ),
+            (
+                "{ redis = \"redis://127.0.0.1\", retries = 3 }",
+                "backend",
+                4,
+                "retries",
+            ),
+            ("{ fail = \"open\" }", "backend", 4, "redis"),
+        ];
+        for (backend, key, line, message) in cases {
+            let text = format!(
+                "[limit_req_zone.api]\nrate = \"10r/s\"\n\nbackend = {backend}\n{LOCATION}"
+            );
+            let errs = load(&text, &mut Shared::default()).unwrap_err();
+            assert_eq!(errs.len(), 1, "{backend}: {errs:?}");
+            assert_eq!(
+                (errs[0].key.as_str(), errs[0].line),
+                (key, line),
+                "{backend}: {}",
+                errs[0]
+            );
+            assert!(errs[0].message.contains(message), "{backend}: {}", errs[0]);
+        }
+    }
+
+    #[test]
+    fn redis_zones_are_built_kept_and_replaced() {
+        let text = |fail: &str| {
+            format!("[limit_req_zone.api]\nrate = \"10r/s\"\nbackend = {{ redis = \"redis://127.0.0.1:1/0\", fail = \"{fail}\", timeout = \"50ms\", local_allowance = 2 }}\n{LOCATION}")
+        };
+        let mut shared = Shared::default();
+        load(&text("open"), &mut shared).unwrap();
+        let first = shared.req_zones["api"].1.clone();
+        let super::AnyReqZone::Redis(first) = first else {
+            panic!("a Redis zone expected");
+        };
+        assert_eq!(first.name(), "api");
+        load(&text("open"), &mut shared).unwrap();
+        let super::AnyReqZone::Redis(same) = shared.req_zones["api"].1.clone() else {
+            panic!("a Redis zone expected");
+        };
+        assert_eq!(format!("{same:?}"), format!("{first:?}"));
+        load(&text("closed"), &mut shared).unwrap();
+        let super::AnyReqZone::Redis(changed) = shared.req_zones["api"].1.clone() else {
+            panic!("a Redis zone expected");
+        };
+        assert!(format!("{changed:?}").contains("Closed"), "{changed:?}");
+    }
+
+    #[test]
+    fn dry_run_is_refused_on_a_redis_zone() {
+        let text = format!("[limit_req_zone.api]\nrate = \"10r/s\"\nbackend = {{ redis = \"redis://127.0.0.1:1\" }}\n{LOCATION}limit_req_dry_run = true\n");
+        let errs = load(&text, &mut Shared::default()).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].key, "server[0].location[0].limit_req");
+        assert!(errs[0].message.contains("Redis"), "{}", errs[0]);
+    }
+}

@@ -26,6 +26,7 @@ pub struct Dns {
     pub addr: SocketAddr,
     zone: Arc<Mutex<Zone>>,
     silent: Arc<AtomicBool>,
+    queries: Arc<Mutex<HashMap<Name, u64>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -42,7 +43,8 @@ impl Dns {
         let addr = socket.local_addr().unwrap();
         let zone: Arc<Mutex<Zone>> = Arc::default();
         let silent = Arc::new(AtomicBool::new(false));
-        let (z, s) = (zone.clone(), silent.clone());
+        let queries: Arc<Mutex<HashMap<Name, u64>>> = Arc::default();
+        let (z, s, q) = (zone.clone(), silent.clone(), queries.clone());
         let task = tokio::spawn(async move {
             let mut buf = [0u8; 512];
             loop {
@@ -55,6 +57,9 @@ impl Dns {
                 let Ok(query) = Message::from_vec(&buf[..n]) else {
                     continue;
                 };
+                if let Some(first) = query.queries.first() {
+                    *q.lock().unwrap().entry(first.name().clone()).or_default() += 1;
+                }
                 let reply = answer(&query, &z.lock().unwrap());
                 let _ = socket.send_to(&reply.to_vec().unwrap(), peer).await;
             }
@@ -63,6 +68,7 @@ impl Dns {
             addr,
             zone,
             silent,
+            queries,
             task,
         }
     }
@@ -76,6 +82,17 @@ impl Dns {
     /// Forget every record: every name is NXDOMAIN.
     pub fn clear(&self) {
         self.zone.lock().unwrap().clear();
+    }
+
+    /// How many queries (of any type) asked for `name` (fully qualified) so far.
+    pub fn queries(&self, name: &str) -> u64 {
+        let name = Name::from_ascii(name).unwrap();
+        self.queries
+            .lock()
+            .unwrap()
+            .get(&name)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Stop answering (queries time out), or answer again.
