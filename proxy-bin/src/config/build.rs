@@ -414,6 +414,7 @@ async fn build_groups(
         let before = errs.len();
         let mut b = BalanceGroup::builder(name.as_str()).policy(policy);
         let mut targets = Vec::new();
+        let mut first_target = None;
         for (i, s) in cfg.servers.iter().enumerate() {
             match server(src, &format!("{key}.servers[{i}]"), s, resolver, errs).await {
                 Servers::Fixed(peers) => {
@@ -421,7 +422,10 @@ async fn build_groups(
                         b = b.server(p);
                     }
                 }
-                Servers::Resolved(t) => targets.push(t),
+                Servers::Resolved(t) => {
+                    first_target.get_or_insert(s.span());
+                    targets.push(t);
+                }
                 Servers::Invalid => {}
             }
         }
@@ -478,7 +482,7 @@ async fn build_groups(
                             other => other.to_string(),
                         };
                         errs.push(src.diag(
-                            Some(up.span()),
+                            first_target.or(Some(up.span())),
                             format!("{key}.servers"),
                             format!(
                                 "no primary server resolved from {}: {why}",

@@ -481,7 +481,12 @@ mod tests {
                 .await
                 .unwrap_err();
             assert_eq!(errs.len(), 1, "{errs:?}");
-            assert_eq!(errs[0].key, "upstream.app.servers", "{}", errs[0]);
+            assert_eq!(
+                (errs[0].key.as_str(), errs[0].line, errs[0].column),
+                ("upstream.app.servers", 6, 12),
+                "{}",
+                errs[0]
+            );
             assert!(errs[0].message.contains("app.test"), "{}", errs[0]);
         });
     }
