@@ -3,13 +3,14 @@
 //!
 //! ```text
 //! Forwarded → Metrics → AccessLog → Hsts → AddHeaders → ErrorPage → Access (allow/deny)
-//!   → LimitConn → LimitReq → ConcurrencyLimit → ClientBodyTimeout → BodyLimit
+//!   → LimitConn → LimitReq → RedisLimitReq → ConcurrencyLimit → ClientBodyTimeout → BodyLimit
 //!   → RequestBuffer → ResponseBuffer → UpstreamBodyTimeout → terminal
 //! ```
 //!
 //! Why this order: the real client address is resolved first, so logs, metrics, allow/deny
 //! and rate limits all see it; logs and metrics wrap everything so they see every answer
-//! (429s and 413s included); response headers sit outside error pages so an error page
+//! (429s and 413s included); local rate zones come before Redis ones, so a request they
+//! reject costs no Redis round trip; response headers sit outside error pages so an error page
 //! gets `add_header ... always` too; limits come before the body is read, so a rejected
 //! request costs no upload; the body timeout wraps request buffering, which reads the
 //! body; response buffering reads ahead of the upstream body timeout, which watches the
