@@ -104,7 +104,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let loaded = rt.block_on(async { config::load(&source, &mut config::Shared::default()) });
+    let loaded = rt.block_on(async { config::load(&source, &mut config::Shared::default()).await });
     match loaded {
         Ok(plan) => {
             println!(

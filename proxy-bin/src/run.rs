@@ -53,7 +53,9 @@ pub fn run(
     let rt = rt.enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let mut running = Running::default();
-        let plan = config::build(&source, &parsed, &mut running.shared).map_err(|errs| join(&errs))?;
+        let plan = config::build(&source, &parsed, &mut running.shared)
+            .await
+            .map_err(|errs| join(&errs))?;
         running.apply(plan).map_err(|e| e.to_string())?;
         let _pid = match pid_file {
             Some(path) => Some(PidFile::write(path).map_err(|e| e.to_string())?),
@@ -63,7 +65,7 @@ pub fn run(
         let mut signals = Signals::new().map_err(|e| e.to_string())?;
         loop {
             match signals.next().await {
-                Signal::Reload => running.reload(&origin),
+                Signal::Reload => running.reload(&origin).await,
                 Signal::Reopen => running.reopen_logs().await,
                 Signal::Stop => break,
             }
@@ -236,6 +238,9 @@ impl Running {
             task.abort();
         }
         self.acme = plan.acme.iter().map(|m| m.spawn()).collect();
+        // Groups that follow DNS: those of the new config are kept (unchanged ones are
+        // the same groups, still resolving); the others' resolution stops here.
+        self.shared.set_dns_groups(plan.dns);
         Ok(())
     }
 
@@ -357,7 +362,7 @@ impl Running {
         ))
     }
 
-    fn reload(&mut self, origin: &Origin) {
+    async fn reload(&mut self, origin: &Origin) {
         let Origin::File(path) = origin else {
             tracing::warn!(
                 "reload requested, but the config did not come from a file: nothing to re-read"
@@ -365,8 +370,11 @@ impl Running {
             return;
         };
         tracing::info!(file = %path.display(), "reloading config");
-        let result = Source::read(path)
-            .and_then(|source| config::load(&source, &mut self.shared))
+        let loaded = match Source::read(path) {
+            Ok(source) => config::load(&source, &mut self.shared).await,
+            Err(errs) => Err(errs),
+        };
+        let result = loaded
             .map_err(|errs| {
                 for e in &errs {
                     tracing::error!("{e}");

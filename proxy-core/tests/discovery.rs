@@ -2,22 +2,19 @@
 //! its answers are hand-written, encoded with hickory-proto) and real upstreams: the
 //! group follows the answers, a removed server drains (its in-flight request
 //! completes), a failed resolution keeps the last good set, SRV gives ports, weights
-//! and backups.
+//! and backups. The DNS server is `dns_server/` (shared with the binary's tests).
 #![cfg(feature = "dns")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod dns_server;
 mod support;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hickory_resolver::proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_resolver::proto::rr::rdata::{A, SRV};
-use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+use dns_server::{a, srv, Dns, RecordType};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -28,94 +25,9 @@ use proxy_core::discovery::{Discovery, Target};
 use proxy_core::upstream::{ClientConfig, UpstreamClient};
 use proxy_core::ProxyBody;
 use support::{get, wait_for};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tower::ServiceExt;
-
-/// The records a [`Dns`] answers with, by (name, type).
-type Zone = HashMap<(Name, RecordType), Vec<RData>>;
-
-/// A minimal authoritative DNS server on UDP 127.0.0.1: answers from `zone` with
-/// TTL 1, NXDOMAIN for unknown names, and nothing at all while `silent` is set (the
-/// client times out: a failed resolution).
-struct Dns {
-    addr: SocketAddr,
-    zone: Arc<Mutex<Zone>>,
-    silent: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Dns {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Dns {
-    async fn start() -> Dns {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = socket.local_addr().unwrap();
-        let zone: Arc<Mutex<Zone>> = Arc::default();
-        let silent = Arc::new(AtomicBool::new(false));
-        let (z, s) = (zone.clone(), silent.clone());
-        let task = tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            loop {
-                let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
-                    continue;
-                };
-                if s.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let Ok(query) = Message::from_vec(&buf[..n]) else {
-                    continue;
-                };
-                let reply = answer(&query, &z.lock().unwrap());
-                let _ = socket.send_to(&reply.to_vec().unwrap(), peer).await;
-            }
-        });
-        Dns {
-            addr,
-            zone,
-            silent,
-            task,
-        }
-    }
-
-    fn set(&self, name: &str, rtype: RecordType, data: Vec<RData>) {
-        let name = Name::from_ascii(name).unwrap();
-        self.zone.lock().unwrap().insert((name, rtype), data);
-    }
-}
-
-fn answer(query: &Message, zone: &Zone) -> Message {
-    let mut reply = Message::response(query.metadata.id, OpCode::Query);
-    reply.metadata.message_type = MessageType::Response;
-    reply.metadata.authoritative = true;
-    reply.metadata.recursion_desired = query.metadata.recursion_desired;
-    reply.metadata.recursion_available = true;
-    let Some(q) = query.queries.first() else {
-        reply.metadata.response_code = ResponseCode::FormErr;
-        return reply;
-    };
-    reply.add_query(q.clone());
-    let known = zone.keys().any(|(n, _)| n == q.name());
-    match zone.get(&(q.name().clone(), q.query_type())) {
-        Some(data) => {
-            for d in data {
-                reply.add_answer(Record::from_rdata(q.name().clone(), 1, d.clone()));
-            }
-        }
-        // The name exists with other types: NOERROR, no answer (NODATA).
-        None if known => {}
-        None => reply.metadata.response_code = ResponseCode::NXDomain,
-    }
-    reply
-}
-
-fn a(ip: [u8; 4]) -> RData {
-    RData::A(A(Ipv4Addr::from(ip)))
-}
 
 /// A real HTTP/1.1 upstream that records the paths it was asked for.
 struct Upstream {
@@ -227,14 +139,14 @@ async fn group_follows_dns_and_removed_servers_drain() {
 
     // The DNS server goes silent: lookups fail, the last good set stays.
     let failures = discovery.stats().failures;
-    dns.silent.store(true, Ordering::SeqCst);
+    dns.set_silent(true);
     wait_for(|| discovery.stats().failures >= failures + 2).await;
     assert_eq!(addrs(&group), [first.addr, second.addr]);
     assert_eq!(body_of(&balance, "/").await.0, 200);
 
     // NXDOMAIN is an answer, but it would leave no server: refused, the set stays.
-    dns.silent.store(false, Ordering::SeqCst);
-    dns.zone.lock().unwrap().clear();
+    dns.set_silent(false);
+    dns.clear();
     let lookups = discovery.stats().lookups;
     wait_for(|| discovery.stats().lookups >= lookups + 2).await;
     assert_eq!(addrs(&group), [first.addr, second.addr]);
@@ -246,14 +158,6 @@ async fn srv_records_give_ports_weights_and_backups() {
     let release = Arc::new(Notify::new());
     let main = upstream([127, 0, 0, 1], 0, release.clone()).await;
     let spare = upstream([127, 0, 0, 1], 0, release.clone()).await;
-    let srv = |priority, weight, port, target: &str| {
-        RData::SRV(SRV::new(
-            priority,
-            weight,
-            port,
-            Name::from_ascii(target).unwrap(),
-        ))
-    };
     dns.set(
         "_http._tcp.app.test.",
         RecordType::SRV,

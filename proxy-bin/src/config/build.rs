@@ -10,8 +10,9 @@ use std::time::Duration;
 use http::uri::PathAndQuery;
 use http::StatusCode;
 use proxy_core::balance::{Group as BalanceGroup, HealthCheck, Policy, Server as Peer};
+use proxy_core::discovery::{DiscoveryError, Target};
 use proxy_core::forwarded::TrustedProxies;
-use proxy_core::limit::{ConnZone, ReqZone};
+use proxy_core::limit::ConnZone;
 use proxy_core::router::{
     Location, LocationService, Pattern, Redirect, Router, ServerName, VirtualServer,
 };
@@ -21,8 +22,9 @@ use proxy_core::upstream::{ClientConfig, UpstreamClient};
 use proxy_tls::challenge::{AcmeChallengeLayer, ChallengeStore};
 use tower::Layer;
 
+use super::dns::{self, DnsGroup, DnsGroups, Resolver};
 use super::schema::{self, Config};
-use super::shared::Shared;
+use super::shared::{AnyReqZone, Shared};
 use super::{Diagnostic, Source};
 
 /// Everything the binary needs to run.
@@ -38,6 +40,8 @@ pub struct Plan {
     pub groups: Vec<Arc<BalanceGroup>>,
     /// Certificates to obtain and renew with ACME.
     pub acme: Vec<proxy_tls::acme::AcmeManager>,
+    /// The upstream groups that follow DNS, to keep while this plan runs.
+    pub dns: DnsGroups,
 }
 
 /// One listening address and what it serves.
@@ -74,13 +78,21 @@ pub(super) struct Group {
 
 /// The zones locations refer to, by name.
 pub(super) struct Zones {
-    pub(super) req: HashMap<String, ReqZone>,
+    pub(super) req: HashMap<String, AnyReqZone>,
+    /// Request zones defined but not built (already reported).
+    pub(super) failed_req: std::collections::HashSet<String>,
     pub(super) conn: HashMap<String, ConnZone>,
 }
 
 /// Check `config` and build the plan, reporting every problem found. Must run inside a
-/// tokio runtime (health checks and access log writers start tasks).
-pub fn build(src: &Source, config: &Config, shared: &mut Shared) -> Result<Plan, Vec<Diagnostic>> {
+/// tokio runtime (health checks, access log writers and DNS resolution start tasks).
+/// Host names are resolved here: those of `resolve = true` servers (unless their group
+/// is unchanged since the running config, which keeps its own), the others once.
+pub async fn build(
+    src: &Source,
+    config: &Config,
+    shared: &mut Shared,
+) -> Result<Plan, Vec<Diagnostic>> {
     let mut errs = Vec::new();
     let shutdown_timeout = config
         .global
@@ -106,7 +118,17 @@ pub fn build(src: &Source, config: &Config, shared: &mut Shared) -> Result<Plan,
     if admin.is_some() && shared.metrics.is_none() {
         shared.metrics = Some(proxy_core::metrics::Metrics::new());
     }
-    let groups = build_groups(src, &config.upstream, &mut errs);
+    let resolver = dns::resolver(src, config, &mut errs);
+    let (groups, dns_groups) =
+        build_groups(src, &config.upstream, &resolver, shared, &mut errs).await;
+    let passes = dns::proxy_pass_names(config, &resolver).await;
+    // Groups defined but not built have been reported: locations naming them say no more.
+    let failed_groups: std::collections::HashSet<String> = config
+        .upstream
+        .keys()
+        .filter(|name| !groups.contains_key(*name))
+        .cloned()
+        .collect();
     let zones = build_zones(src, config, shared, &mut errs);
     let default_log = match &config.access_log {
         Some(cfg) => match shared.access_log(cfg.get_ref(), &src.base_dir()) {
@@ -131,6 +153,8 @@ pub fn build(src: &Source, config: &Config, shared: &mut Shared) -> Result<Plan,
             src,
             server,
             groups: &groups,
+            passes: &passes,
+            failed_groups: &failed_groups,
             zones: &zones,
             shared: &mut *shared,
             default_log: default_log.clone(),
@@ -231,6 +255,7 @@ pub fn build(src: &Source, config: &Config, shared: &mut Shared) -> Result<Plan,
             admin,
             groups: groups.into_values().map(|g| g.group).collect(),
             acme,
+            dns: DnsGroups(dns_groups),
         })
     } else {
         Err(errs)
@@ -298,7 +323,24 @@ fn build_zones(
             Ok(z) => {
                 req.insert(name.clone(), z);
             }
-            Err(e) => errs.push(src.diag(Some(cfg.span()), format!("limit_req_zone.{name}"), e)),
+            Err((field, e)) => {
+                let c = cfg.get_ref();
+                let span = match field {
+                    "rate" => Some(c.rate.span()),
+                    "key" => c.key.as_ref().map(|k| k.span()),
+                    "backend.redis" => c.backend.as_ref().map(|b| b.get_ref().redis.span()),
+                    "backend.fail" => c
+                        .backend
+                        .as_ref()
+                        .and_then(|b| b.get_ref().fail.as_ref().map(|f| f.span())),
+                    _ => c.backend.as_ref().map(|b| b.span()),
+                };
+                errs.push(src.diag(
+                    span.or(Some(cfg.span())),
+                    format!("limit_req_zone.{name}.{field}"),
+                    e,
+                ));
+            }
         }
     }
     let mut conn = HashMap::new();
@@ -310,18 +352,52 @@ fn build_zones(
             Err(e) => errs.push(src.diag(Some(cfg.span()), format!("limit_conn_zone.{name}"), e)),
         }
     }
-    Zones { req, conn }
+    let failed_req = config
+        .limit_req_zone
+        .keys()
+        .filter(|name| !req.contains_key(*name))
+        .cloned()
+        .collect();
+    Zones {
+        req,
+        failed_req,
+        conn,
+    }
 }
 
-fn build_groups(
+/// Every `[upstream.NAME]`: its servers (IP addresses, host names resolved once, or
+/// names kept resolved), policy, health check and client settings. Groups with
+/// `resolve = true` names come with their background resolution (second value).
+async fn build_groups(
     src: &Source,
     upstreams: &BTreeMap<String, toml::Spanned<schema::Upstream>>,
+    resolver: &Resolver,
+    shared: &Shared,
     errs: &mut Vec<Diagnostic>,
-) -> HashMap<String, Group> {
+) -> (HashMap<String, Group>, HashMap<String, DnsGroup>) {
     let mut groups = HashMap::new();
+    let mut dns_groups = HashMap::new();
     for (name, up) in upstreams {
         let key = format!("upstream.{name}");
         let cfg = up.get_ref();
+        let client = UpstreamClient::new(client_config(cfg));
+        let fingerprint = dns::follows_dns(cfg).then(|| dns::fingerprint(cfg, resolver));
+        // Unchanged since the running config: keep the group, its servers' state and
+        // its resolution task.
+        if let Some(kept) = fingerprint
+            .as_ref()
+            .and_then(|fp| shared.dns_group(name, fp))
+        {
+            groups.insert(
+                name.clone(),
+                Group {
+                    group: kept.group.clone(),
+                    client,
+                },
+            );
+            dns_groups.insert(name.clone(), kept);
+            continue;
+        }
         let policy = match cfg.policy.as_ref().map(|p| p.get_ref().as_str()) {
             None | Some("round_robin") => Policy::RoundRobin,
             Some("least_conn") => Policy::LeastConn,
@@ -335,44 +411,23 @@ fn build_groups(
                 continue;
             }
         };
+        let before = errs.len();
         let mut b = BalanceGroup::builder(name.as_str()).policy(policy);
+        let mut targets = Vec::new();
+        let mut first_target = None;
         for (i, s) in cfg.servers.iter().enumerate() {
-            let sc = s.get_ref();
-            let Ok(addr) = sc.addr.get_ref().parse::<SocketAddr>() else {
-                errs.push(src.diag(
-                    Some(sc.addr.span()),
-                    format!("{key}.servers[{i}].addr"),
-                    format!(
-                        "{:?} is not an IP address and port such as \"127.0.0.1:8000\"",
-                        sc.addr.get_ref()
-                    ),
-                ));
-                continue;
-            };
-            let mut peer = Peer::new(addr);
-            if let Some(w) = sc.weight {
-                match NonZeroU32::new(w) {
-                    Some(w) => peer = peer.weight(w),
-                    None => errs.push(src.diag(
-                        Some(s.span()),
-                        format!("{key}.servers[{i}].weight"),
-                        "must be at least 1",
-                    )),
+            match server(src, &format!("{key}.servers[{i}]"), s, resolver, errs).await {
+                Servers::Fixed(peers) => {
+                    for p in peers {
+                        b = b.server(p);
+                    }
                 }
+                Servers::Resolved(t) => {
+                    first_target.get_or_insert(s.span());
+                    targets.push(t);
+                }
+                Servers::Invalid => {}
             }
-            if let Some(n) = sc.max_fails {
-                peer = peer.max_fails(n);
-            }
-            if let Some(d) = sc.fail_timeout {
-                peer = peer.fail_timeout(d.0);
-            }
-            if let Some(n) = sc.max_conns.and_then(NonZeroU32::new) {
-                peer = peer.max_conns(n);
-            }
-            if sc.backup {
-                peer = peer.backup();
-            }
-            b = b.server(peer);
         }
         if let Some(hc) = &cfg.health_check {
             match health_check(hc) {
@@ -380,35 +435,221 @@ fn build_groups(
                 Err(e) => errs.push(src.diag(Some(up.span()), format!("{key}.health_check"), e)),
             }
         }
-        let group = match b.build() {
-            Ok(g) => g,
-            Err(e) => {
-                errs.push(src.diag(Some(up.span()), format!("{key}.servers"), e.to_string()));
-                continue;
+        if errs.len() > before {
+            continue;
+        }
+        let group = match fingerprint {
+            None => match b.build() {
+                Ok(g) => g,
+                Err(e) => {
+                    errs.push(src.diag(Some(up.span()), format!("{key}.servers"), e.to_string()));
+                    continue;
+                }
+            },
+            Some(fp) => {
+                let names: Vec<String> = targets.iter().map(|t| t.name()).collect();
+                let discovery = match targets
+                    .into_iter()
+                    .fold(resolver.discovery(), |d, t| d.target(t))
+                    .build()
+                {
+                    Ok(d) => d,
+                    Err(e) => {
+                        errs.push(src.diag(None, "resolver", e.to_string()));
+                        continue;
+                    }
+                };
+                match discovery.group(b).await {
+                    Ok((group, task)) => {
+                        tracing::info!(
+                            upstream = %name,
+                            servers = group.stats().len(),
+                            "upstream servers resolved; following DNS"
+                        );
+                        dns_groups.insert(
+                            name.clone(),
+                            DnsGroup::new(fp, group.clone(), discovery, task),
+                        );
+                        group
+                    }
+                    Err(e) => {
+                        let why = match e {
+                            DiscoveryError::NoServers if discovery.stats().failures > 0 => {
+                                "the name servers gave no answer (timeout or server failure)"
+                                    .to_owned()
+                            }
+                            DiscoveryError::NoServers => "no such name, or no address".to_owned(),
+                            other => other.to_string(),
+                        };
+                        errs.push(src.diag(
+                            first_target.or(Some(up.span())),
+                            format!("{key}.servers"),
+                            format!(
+                                "no primary server resolved from {}: {why}",
+                                names.join(", ")
+                            ),
+                        ));
+                        continue;
+                    }
+                }
             }
         };
-        let mut cc = ClientConfig::default();
-        if let Some(k) = cfg.keepalive {
-            cc.keepalive = k;
-        }
-        if let Some(d) = cfg.keepalive_timeout {
-            cc.keepalive_timeout = d.0;
-        }
-        if let Some(d) = cfg.connect_timeout {
-            cc.connect_timeout = d.0;
-        }
-        if let Some(d) = cfg.send_timeout {
-            cc.send_timeout = d.0;
-        }
-        groups.insert(
-            name.clone(),
-            Group {
-                group,
-                client: UpstreamClient::new(cc),
-            },
-        );
+        groups.insert(name.clone(), Group { group, client });
     }
-    groups
+    (groups, dns_groups)
+}
+
+fn client_config(cfg: &schema::Upstream) -> ClientConfig {
+    let mut cc = ClientConfig::default();
+    if let Some(k) = cfg.keepalive {
+        cc.keepalive = k;
+    }
+    if let Some(d) = cfg.keepalive_timeout {
+        cc.keepalive_timeout = d.0;
+    }
+    if let Some(d) = cfg.connect_timeout {
+        cc.connect_timeout = d.0;
+    }
+    if let Some(d) = cfg.send_timeout {
+        cc.send_timeout = d.0;
+    }
+    cc
+}
+
+/// What one `servers` entry gives.
+enum Servers {
+    /// Fixed servers: an IP address, or every address of a name resolved once.
+    Fixed(Vec<Peer>),
+    /// A name to keep resolving.
+    Resolved(Target),
+    /// Reported.
+    Invalid,
+}
+
+/// One `servers` entry, checked; host names without `resolve` are resolved now.
+async fn server(
+    src: &Source,
+    key: &str,
+    s: &toml::Spanned<schema::UpstreamServer>,
+    resolver: &Resolver,
+    errs: &mut Vec<Diagnostic>,
+) -> Servers {
+    let sc = s.get_ref();
+    if sc.weight == Some(0) {
+        errs.push(src.diag(
+            Some(s.span()),
+            format!("{key}.weight"),
+            "must be at least 1",
+        ));
+        return Servers::Invalid;
+    }
+    // The parameters every address of this entry gets (the template's own address is
+    // replaced by each resolved one).
+    let at = |addr: SocketAddr| {
+        let mut p = Peer::new(addr);
+        if let Some(w) = sc.weight.and_then(NonZeroU32::new) {
+            p = p.weight(w);
+        }
+        if let Some(n) = sc.max_fails {
+            p = p.max_fails(n);
+        }
+        if let Some(d) = sc.fail_timeout {
+            p = p.fail_timeout(d.0);
+        }
+        if let Some(n) = sc.max_conns.and_then(NonZeroU32::new) {
+            p = p.max_conns(n);
+        }
+        if sc.backup {
+            p = p.backup();
+        }
+        p
+    };
+    let template = at(SocketAddr::from(([0, 0, 0, 0], 0)));
+    match (&sc.addr, &sc.srv) {
+        (Some(a), Some(_)) => {
+            errs.push(src.diag(
+                Some(a.span()),
+                format!("{key}.srv"),
+                "give either addr or srv, not both",
+            ));
+            Servers::Invalid
+        }
+        (None, None) => {
+            errs.push(src.diag(
+                Some(s.span()),
+                key.to_owned(),
+                "a server needs addr (\"IP:PORT\" or \"HOST:PORT\") or srv",
+            ));
+            Servers::Invalid
+        }
+        (None, Some(srv)) => {
+            let k = format!("{key}.srv");
+            if !sc.resolve {
+                errs.push(src.diag(Some(srv.span()), k, "an SRV name needs resolve = true"));
+                return Servers::Invalid;
+            }
+            if sc.weight.is_some() || sc.backup {
+                errs.push(src.diag(
+                    Some(s.span()),
+                    k,
+                    "weight and backup come from the SRV records: leave them out",
+                ));
+                return Servers::Invalid;
+            }
+            match Target::srv(srv.get_ref()) {
+                Ok(t) => Servers::Resolved(t.template(template)),
+                Err(_) => {
+                    errs.push(src.diag(
+                        Some(srv.span()),
+                        k,
+                        format!("{:?} is not a DNS name", srv.get_ref()),
+                    ));
+                    Servers::Invalid
+                }
+            }
+        }
+        (Some(addr), None) => {
+            let k = format!("{key}.addr");
+            if let Ok(ip) = addr.get_ref().parse::<SocketAddr>() {
+                return Servers::Fixed(vec![at(ip)]);
+            }
+            let Some((host, port)) = dns::host_port(addr.get_ref(), None) else {
+                errs.push(src.diag(
+                    Some(addr.span()),
+                    k,
+                    format!(
+                        "{:?} is not an address such as \"127.0.0.1:8000\" or \"backend.internal:8000\"",
+                        addr.get_ref()
+                    ),
+                ));
+                return Servers::Invalid;
+            };
+            if sc.resolve {
+                return match Target::host(host, port) {
+                    Ok(t) => Servers::Resolved(t.template(template)),
+                    Err(_) => {
+                        errs.push(src.diag(
+                            Some(addr.span()),
+                            k,
+                            format!("{host:?} is not a DNS name"),
+                        ));
+                        Servers::Invalid
+                    }
+                };
+            }
+            match resolver.lookup(host, port).await {
+                Ok(addrs) => Servers::Fixed(addrs.into_iter().map(at).collect()),
+                Err(e) => {
+                    errs.push(src.diag(
+                        Some(addr.span()),
+                        k,
+                        format!("{e} (add resolve = true to keep resolving it while running)"),
+                    ));
+                    Servers::Invalid
+                }
+            }
+        }
+    }
 }
 
 fn health_check(hc: &schema::HealthCheckCfg) -> Result<HealthCheck, String> {

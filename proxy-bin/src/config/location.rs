@@ -3,18 +3,20 @@
 //!
 //! ```text
 //! Forwarded → Metrics → AccessLog → Hsts → AddHeaders → ErrorPage → Access (allow/deny)
-//!   → LimitConn → LimitReq → ConcurrencyLimit → ClientBodyTimeout → BodyLimit
+//!   → LimitConn → LimitReq → RedisLimitReq → ConcurrencyLimit → ClientBodyTimeout → BodyLimit
 //!   → RequestBuffer → ResponseBuffer → UpstreamBodyTimeout → terminal
 //! ```
 //!
 //! Why this order: the real client address is resolved first, so logs, metrics, allow/deny
 //! and rate limits all see it; logs and metrics wrap everything so they see every answer
-//! (429s and 413s included); response headers sit outside error pages so an error page
+//! (429s and 413s included); local rate zones come before Redis ones, so a request they
+//! reject costs no Redis round trip; response headers sit outside error pages so an error page
 //! gets `add_header ... always` too; limits come before the body is read, so a rejected
 //! request costs no upload; the body timeout wraps request buffering, which reads the
 //! body; response buffering reads ahead of the upstream body timeout, which watches the
 //! upstream.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -40,16 +42,20 @@ use proxy_core::buffer::{BodyLimitLayer, RequestBufferLayer, ResponseBufferLayer
 use proxy_core::forwarded::{
     ClientHeader, ForwardedLayer, HeaderPolicy, TrustedProxies, XffPolicy,
 };
+use proxy_core::limit::redis::{RedisLimit, RedisLimitReqLayer};
 use proxy_core::limit::{Delay, LimitConnLayer, LimitReqLayer, ReqLimit};
 use proxy_core::metrics::MetricsLayer;
 use proxy_core::timeout::{
     ClientBodyTimeoutLayer, ConcurrencyLimitLayer, UpstreamBodyTimeoutLayer,
 };
+use proxy_core::{Request, Response};
 use proxy_tls::hsts::HstsLayer;
+use std::convert::Infallible;
+use tower::util::Either;
 
 use super::build::{Group, Zones};
 use super::schema::{self, AccessRule, AddHeader, ErrorPageCfg, ForwardedCfg, IndexCfg};
-use super::shared::Shared;
+use super::shared::{AnyReqZone, Shared};
 use super::{Diagnostic, Source};
 
 /// What a location needs from around it.
@@ -57,6 +63,10 @@ pub(super) struct Ctx<'a, 's> {
     pub(super) src: &'a Source,
     pub(super) server: &'a schema::Server,
     pub(super) groups: &'a std::collections::HashMap<String, Group>,
+    /// `proxy_pass = "http://HOST:PORT"` names, resolved once.
+    pub(super) passes: &'a std::collections::HashMap<String, Result<Vec<SocketAddr>, String>>,
+    /// Upstream groups that are defined but could not be built (already reported).
+    pub(super) failed_groups: &'a std::collections::HashSet<String>,
     pub(super) zones: &'a Zones,
     pub(super) shared: &'s mut Shared,
     pub(super) default_log: Option<AccessLogWriter>,
@@ -115,7 +125,7 @@ pub(super) fn build(
         Some(f) => forwarded_layer(src, key, f, errs),
         None => proxied.then(default_forwarded),
     };
-    let limit_req = limit_req(ctx, key, loc, errs);
+    let (limit_req, redis_limit_req) = limit_req(ctx, key, loc, errs);
     let limit_conn = limit_conn(ctx, key, loc, errs);
     let log = access_log(ctx, key, loc, errs);
     if errs.len() > before {
@@ -172,6 +182,7 @@ pub(super) fn build(
         .option_layer(access.map(AccessLayer::new))
         .option_layer(limit_conn)
         .option_layer(limit_req)
+        .option_layer(redis_limit_req)
         .option_layer(concurrency)
         .option_layer(proxied.then(|| ClientBodyTimeoutLayer::new(body_timeout)))
         .option_layer((proxied && body_limit > 0).then(|| BodyLimitLayer::new(body_limit)))
@@ -334,7 +345,8 @@ fn read_timeout(ctx: &Ctx<'_, '_>, loc: &schema::Location) -> Duration {
     inherit!(ctx, loc, proxy_read_timeout).map_or(Duration::from_secs(60), |d| d.0)
 }
 
-/// `proxy_pass NAME` (an upstream group) or `proxy_pass http://IP:PORT` (a group of one).
+/// `proxy_pass NAME` (an upstream group), `proxy_pass http://IP:PORT` (a group of one) or
+/// `proxy_pass http://HOST[:PORT]` (a group of the name's addresses, resolved once).
 fn proxy_pass(
     ctx: &Ctx<'_, '_>,
     key: &str,
@@ -350,19 +362,30 @@ fn proxy_pass(
         UpstreamClient::new(cc)
     });
     if let Some(rest) = target.strip_prefix("http://") {
-        let addr = rest.trim_end_matches('/');
-        let Ok(a) = addr.parse::<std::net::SocketAddr>() else {
-            errs.push(src.diag(
-                Some(pass.span()),
-                key.to_owned(),
-                format!("{target:?}: expected http://IP:PORT or an upstream name"),
-            ));
-            return None;
+        let authority = rest.trim_end_matches('/');
+        let addrs = match (authority.parse::<SocketAddr>(), ctx.passes.get(authority)) {
+            (Ok(a), _) => vec![a],
+            (Err(_), Some(Ok(addrs))) => addrs.clone(),
+            (Err(_), Some(Err(e))) => {
+                errs.push(src.diag(Some(pass.span()), key.to_owned(), e.clone()));
+                return None;
+            }
+            (Err(_), None) => {
+                errs.push(src.diag(
+                    Some(pass.span()),
+                    key.to_owned(),
+                    format!("{target:?}: expected http://IP:PORT, http://HOST[:PORT] or an upstream name"),
+                ));
+                return None;
+            }
         };
-        let group = match BalanceGroup::builder(target.as_str())
-            .server(Peer::new(a))
-            .build()
-        {
+        // A name with several addresses is a group of them, round robin (nginx).
+        let builder = addrs
+            .into_iter()
+            .fold(BalanceGroup::builder(target.as_str()), |b, a| {
+                b.server(Peer::new(a))
+            });
+        let group = match builder.build() {
             Ok(g) => g,
             Err(e) => {
                 errs.push(src.diag(Some(pass.span()), key.to_owned(), e.to_string()));
@@ -378,6 +401,7 @@ fn proxy_pass(
             g.group.clone(),
             custom_upgrades.unwrap_or_else(|| g.client.clone()),
         )),
+        None if ctx.failed_groups.contains(target) => None,
         None => {
             errs.push(src.diag(
                 Some(pass.span()),
@@ -539,21 +563,32 @@ fn status_of(
     }
 }
 
+/// The `limit_req` lines: local zones as one layer (checked first: a request they
+/// reject costs no Redis round trip), then the Redis zones.
 fn limit_req(
     ctx: &Ctx<'_, '_>,
     key: &str,
     loc: &schema::Location,
     errs: &mut Vec<Diagnostic>,
-) -> Option<LimitReqLayer> {
-    let list = inherit!(ctx, loc, limit_req)?;
+) -> (Option<LimitReqLayer>, Option<RedisLayers>) {
+    let Some(list) = inherit!(ctx, loc, limit_req) else {
+        return (None, None);
+    };
     let mut layer: Option<LimitReqLayer> = None;
+    let mut shared: Vec<RedisLimit> = Vec::new();
+    let k = format!("{key}.limit_req");
+    let dry = inherit!(ctx, loc, limit_req_dry_run)
+        .copied()
+        .unwrap_or(false);
     for l in list {
         let cfg = l.get_ref();
-        let k = format!("{key}.limit_req");
         let Some(zone) = ctx.zones.req.get(&cfg.zone) else {
+            if ctx.zones.failed_req.contains(&cfg.zone) {
+                continue;
+            }
             errs.push(ctx.src.diag(
                 Some(l.span()),
-                k,
+                k.clone(),
                 format!(
                     "unknown zone {:?} (define it as [limit_req_zone.{}])",
                     cfg.zone, cfg.zone
@@ -561,23 +596,42 @@ fn limit_req(
             ));
             continue;
         };
-        let mut limit = ReqLimit::new(zone.clone()).burst(cfg.burst);
-        limit = match (cfg.nodelay, cfg.delay) {
+        let delay = match (cfg.nodelay, cfg.delay) {
             (true, Some(_)) => {
-                errs.push(
-                    ctx.src
-                        .diag(Some(l.span()), k, "nodelay and delay exclude each other"),
-                );
+                errs.push(ctx.src.diag(
+                    Some(l.span()),
+                    k.clone(),
+                    "nodelay and delay exclude each other",
+                ));
                 continue;
             }
-            (true, None) => limit.nodelay(),
-            (false, Some(n)) => limit.delay(Delay::After(n)),
-            (false, None) => limit,
+            (true, None) => Delay::Never,
+            (false, Some(n)) => Delay::After(n),
+            (false, None) => Delay::All,
         };
-        layer = Some(match layer {
-            None => LimitReqLayer::new(limit),
-            Some(prev) => prev.and(limit),
-        });
+        match zone {
+            AnyReqZone::Local(zone) => {
+                let limit = ReqLimit::new(zone.clone()).burst(cfg.burst).delay(delay);
+                layer = Some(match layer {
+                    None => LimitReqLayer::new(limit),
+                    Some(prev) => prev.and(limit),
+                });
+            }
+            AnyReqZone::Redis(zone) => {
+                if dry {
+                    errs.push(ctx.src.diag(
+                        Some(l.span()),
+                        k.clone(),
+                        format!(
+                            "limit_req_dry_run is not available for zone {:?}, which is kept in Redis",
+                            cfg.zone
+                        ),
+                    ));
+                    continue;
+                }
+                shared.push(RedisLimit::new(zone.clone()).burst(cfg.burst).delay(delay));
+            }
+        }
     }
     let status = status_of(
         ctx.src,
@@ -586,10 +640,44 @@ fn limit_req(
         StatusCode::SERVICE_UNAVAILABLE,
         errs,
     );
-    let dry = inherit!(ctx, loc, limit_req_dry_run)
-        .copied()
-        .unwrap_or(false);
-    layer.map(|l| l.status(status).dry_run(dry))
+    let redis: Vec<RedisLimitReqLayer> = shared
+        .into_iter()
+        .map(|l| RedisLimitReqLayer::new(l).status(status))
+        .collect();
+    let redis = match <[RedisLimitReqLayer; 1]>::try_from(redis) {
+        Ok([one]) => Some(Either::Left(one)),
+        Err(v) if v.is_empty() => None,
+        Err(v) => Some(Either::Right(RedisChain(v))),
+    };
+    (layer.map(|l| l.status(status).dry_run(dry)), redis)
+}
+
+/// The Redis zones of a location: one is a plain layer; more are chained through boxed
+/// services (a rare set-up, which pays one box per extra zone and request).
+type RedisLayers = Either<RedisLimitReqLayer, RedisChain>;
+
+/// Several Redis zones, the first outermost.
+#[derive(Debug, Clone)]
+struct RedisChain(Vec<RedisLimitReqLayer>);
+
+impl<S> tower::Layer<S> for RedisChain
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Service = LocationService;
+
+    fn layer(&self, inner: S) -> LocationService {
+        let mut svc = LocationService::new(inner);
+        for l in self.0.iter().rev() {
+            svc = LocationService::new(tower::Layer::layer(l, svc));
+        }
+        svc
+    }
 }
 
 fn limit_conn(

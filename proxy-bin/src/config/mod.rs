@@ -3,6 +3,7 @@
 //! them at once, before anything listens.
 
 mod build;
+mod dns;
 mod location;
 mod schema;
 mod shared;
@@ -144,10 +145,11 @@ fn key_at(text: &str, span: Option<Range<usize>>) -> String {
 }
 
 /// Read, parse and check a config; the result is ready to run. Must run inside a tokio
-/// runtime. `shared` carries what survives a reload (zones, log files, metrics).
-pub fn load(source: &Source, shared: &mut Shared) -> Result<Plan, Vec<Diagnostic>> {
+/// runtime. `shared` carries what survives a reload (zones, DNS-backed groups, log
+/// files, metrics).
+pub async fn load(source: &Source, shared: &mut Shared) -> Result<Plan, Vec<Diagnostic>> {
     let config = source.parse()?;
-    build(source, &config, shared)
+    build(source, &config, shared).await
 }
 
 #[cfg(test)]
@@ -159,7 +161,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(async { super::load(source, &mut Shared::default()) })
+        rt.block_on(async { super::load(source, &mut Shared::default()).await })
     }
 
     fn src(text: &str) -> Source {

@@ -73,6 +73,9 @@ pub struct Config {
     /// Concurrency zones (`[limit_conn_zone.NAME]`), like nginx's `limit_conn_zone`.
     #[serde(default)]
     pub limit_conn_zone: BTreeMap<String, Spanned<ConnZoneCfg>>,
+    /// The DNS resolver of `resolve = true` upstream servers (nginx's `resolver`);
+    /// absent: the system's (`/etc/resolv.conf`).
+    pub resolver: Option<Spanned<ResolverCfg>>,
     /// The admin listener: metrics, health and readiness.
     pub admin: Option<Admin>,
     /// The default access log of every server and location.
@@ -95,6 +98,46 @@ pub struct ReqZoneCfg {
     /// Memory for the zone's keys (nginx's `zone=NAME:10m`; default 10m). The least
     /// recently used idle keys are evicted when it is full.
     pub size: Option<Size>,
+    /// Keep the zone's state in Redis, shared by every instance naming the zone there.
+    pub backend: Option<Spanned<ZoneBackendCfg>>,
+}
+
+/// `backend = { redis = "redis://...", fail, timeout, backoff, local_allowance }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneBackendCfg {
+    /// The Redis URL: `redis://host:port/db`, `redis://:password@host`, `unix:///path`.
+    pub redis: Spanned<String>,
+    /// When Redis cannot answer: `"open"` (admit), `"closed"` (reject) or `"local"`
+    /// (limit per instance; default).
+    pub fail: Option<Spanned<String>>,
+    /// How long a request waits for Redis before `fail` decides (default 100ms).
+    pub timeout: Option<Dur>,
+    /// After a failed connection, how long Redis is not tried again (default 1s).
+    pub backoff: Option<Dur>,
+    /// Requests per key an instance may admit without waiting for Redis (default 0:
+    /// exact).
+    pub local_allowance: Option<u32>,
+}
+
+/// `[resolver]`: nginx's `resolver` and `resolver_timeout`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolverCfg {
+    /// Name servers, `"IP"` or `"IP:PORT"` (port 53 by default); none: the system's.
+    #[serde(default)]
+    pub nameservers: Vec<Spanned<String>>,
+    /// Re-resolve on this fixed interval instead of at the answers' TTL (nginx's
+    /// `valid=`).
+    pub valid: Option<Dur>,
+    /// Re-resolve no sooner than this, however short the TTL (default 1s).
+    pub min_ttl: Option<Dur>,
+    /// Re-resolve no later than this, however long the TTL (default 60s).
+    pub max_ttl: Option<Dur>,
+    /// Time allowed for one query (nginx's `resolver_timeout`; default 5s).
+    pub timeout: Option<Dur>,
+    /// After a failed lookup, try again this soon (default 5s).
+    pub retry: Option<Dur>,
 }
 
 /// `[limit_conn_zone.NAME]`.
@@ -182,12 +225,20 @@ pub struct Upstream {
     pub send_timeout: Option<Dur>,
 }
 
-/// One `server` line of an upstream group.
+/// One `server` line of an upstream group: `addr` or `srv`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamServer {
-    /// `IP:PORT`.
-    pub addr: Spanned<String>,
+    /// `IP:PORT` or `HOST:PORT`. A host name is resolved once at start (and at each
+    /// reload), every address becoming a server, unless `resolve` is set.
+    pub addr: Option<Spanned<String>>,
+    /// An SRV name (`_http._tcp.backend.internal`): ports, weights and backups come from
+    /// its records. Needs `resolve = true`.
+    pub srv: Option<Spanned<String>>,
+    /// Keep resolving the name (at the answers' TTL, or `[resolver] valid`): servers
+    /// follow DNS, removed ones drain (nginx's `resolve`).
+    #[serde(default)]
+    pub resolve: bool,
     /// nginx's `weight=` (default 1).
     pub weight: Option<u32>,
     /// nginx's `max_fails=` (default 1; 0 disables).
