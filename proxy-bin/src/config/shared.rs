@@ -167,7 +167,13 @@ impl Shared {
                     .size_bytes(zone_bytes(cfg.size))
                     .build(),
             ),
-            Some(b) => AnyReqZone::Redis(redis_zone(name, rate, key, cfg.size, b)?),
+            Some(b) => {
+                let zone = redis_zone(name, rate, key, cfg.size, b)?;
+                if let Some(m) = &self.metrics {
+                    m.register_redis_zone(name, zone.clone());
+                }
+                AnyReqZone::Redis(zone)
+            }
         };
         self.req_zones
             .insert(name.to_owned(), (fingerprint, zone.clone()));

@@ -201,6 +201,21 @@ impl Metrics {
         logs.push((name, stats));
     }
 
+    /// Report a Redis-shared rate-limit zone's decisions, Redis errors and fail-mode
+    /// outcomes under `name`. Registering the same name again replaces the earlier zone
+    /// (after a reload).
+    #[cfg(feature = "redis")]
+    pub fn register_redis_zone(
+        &self,
+        name: impl Into<Arc<str>>,
+        zone: crate::limit::redis::RedisZone,
+    ) {
+        let name = name.into();
+        let mut zones = write(&self.inner.sources.redis_zones);
+        zones.retain(|(n, _)| *n != name);
+        zones.push((name, zone));
+    }
+
     /// The retry counter of an upstream group, for the balancer to keep and increment.
     pub fn retries(&self, upstream: &str) -> Counter {
         self.inner.retries.get_or_create_owned(&GroupLabels {
@@ -442,6 +457,8 @@ struct Sources {
     servers: RwLock<Vec<(Arc<str>, Arc<ServerStats>)>>,
     upstreams: RwLock<Option<UpstreamSource>>,
     access_logs: RwLock<Vec<(Arc<str>, Arc<AccessLogStats>)>>,
+    #[cfg(feature = "redis")]
+    redis_zones: RwLock<Vec<(Arc<str>, crate::limit::redis::RedisZone)>>,
 }
 
 impl fmt::Debug for Sources {
@@ -559,6 +576,54 @@ impl Collector for Sources {
                 ConstCounter::new(stats.written()).encode(m.encode_family(&labels)?)?;
             }
         }
+        #[cfg(feature = "redis")]
+        self.encode_redis_zones(&mut enc)?;
+        Ok(())
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Sources {
+    fn encode_redis_zones(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        let zones = read(&self.redis_zones);
+        let stats: Vec<_> = zones.iter().map(|(n, z)| (n, z.stats())).collect();
+        let mut m = enc.encode_descriptor(
+            "proxy_rate_limit_redis_decisions",
+            "Requests of a Redis-shared zone, by what decided them: redis (a round trip), \
+             fast_path (admitted locally), fail_open, fail_closed, fail_local (Redis down)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, s) in &stats {
+            for (by, value) in [
+                ("redis", s.remote),
+                ("fast_path", s.fast_path),
+                ("fail_open", s.failed_open),
+                ("fail_closed", s.failed_closed),
+                ("fail_local", s.failed_local),
+            ] {
+                let labels = [("zone", name.as_ref()), ("decided_by", by)];
+                ConstCounter::new(value).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        for (metric, help, value) in [
+            (
+                "proxy_rate_limit_redis_errors",
+                "Redis errors and timeouts of a Redis-shared zone",
+                (|s| s.redis_errors) as fn(&crate::limit::redis::RedisZoneStats) -> u64,
+            ),
+            (
+                "proxy_rate_limit_redis_overshoot",
+                "Fast-path admissions that Redis then counted over the limit",
+                |s| s.overshoot,
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(metric, help, None, MetricType::Counter)?;
+            for (name, s) in &stats {
+                let labels = [("zone", name.as_ref())];
+                ConstCounter::new(value(s)).encode(m.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
 }
@@ -573,6 +638,35 @@ mod tests {
             server: "api".into(),
             location: "/v1/".into(),
         })
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn redis_zones_are_reported_by_name() {
+        let m = Metrics::new();
+        // Nothing listens there; a zone connects on first use only.
+        let zone = crate::limit::redis::RedisZone::builder(
+            "redis://127.0.0.1:1/",
+            "10r/s".parse().unwrap(),
+        )
+        .unwrap()
+        .name("api")
+        .build();
+        m.register_redis_zone("api", zone.clone());
+        m.register_redis_zone("api", zone);
+        let text = m.encode();
+        assert_eq!(
+            text.matches(
+                "proxy_rate_limit_redis_decisions_total{zone=\"api\",decided_by=\"redis\"} 0"
+            )
+            .count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.contains("proxy_rate_limit_redis_errors_total{zone=\"api\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::super::rate;
-use super::super::req::{Decision, Delay, LimitReqStatus, ReqLimit};
+use super::super::req::{Decision, Delay, LimitReqStatus, RejectedBy, ReqLimit};
 use super::zone::{FailMode, RedisZone, Remote};
 use crate::body::{Request, Response};
 use crate::client_info::client_ip;
@@ -202,6 +202,9 @@ impl Config {
                     HeaderValue::from(u64::try_from(secs).unwrap_or(u64::MAX)),
                 );
                 resp.extensions_mut().insert(LimitReqStatus::Rejected);
+                resp.extensions_mut().insert(RejectedBy {
+                    zone: zone.name().to_owned(),
+                });
                 Settled::Reject(resp)
             }
         }
