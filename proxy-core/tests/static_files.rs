@@ -204,6 +204,15 @@ async fn single_ranges_and_unsatisfiable() {
     let (p, _) = send(addr, req).await;
     assert_eq!(p.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(p.headers["content-range"], "bytes */256");
+
+    // Several ranges: the whole file, not a refusal.
+    let req = get("/static/data.bin")
+        .header("range", "bytes=0-1, 10-19")
+        .body(Empty::new())
+        .unwrap();
+    let (p, body) = send(addr, req).await;
+    assert_eq!(p.status, StatusCode::OK);
+    assert_eq!(body.len(), 256);
 }
 
 #[tokio::test]
@@ -259,7 +268,7 @@ async fn index_files_and_directory_redirect() {
     assert_eq!(p.status, StatusCode::OK);
     assert_eq!(&body[..], b"<h1>index</h1>");
     let (p, _) = send(addr, get("/static/sub?x=1").body(Empty::new()).unwrap()).await;
-    assert_eq!(p.status, StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(p.status, StatusCode::MOVED_PERMANENTLY);
     assert_eq!(p.headers["location"], "/static/sub/?x=1");
 
     let custom = StaticFiles::alias("/static/", site.root.path().join("static"))

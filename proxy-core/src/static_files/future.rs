@@ -88,7 +88,12 @@ impl Future for ResponseFuture {
 /// Maps ServeDir's body into ours; its empty error answers get our short text body
 /// (keeping `Allow` and `Content-Range`).
 fn finish(resp: http::Response<ServeFileSystemResponseBody>) -> Response {
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    // ServeDir's one redirect is a directory named without its trailing slash; nginx
+    // answers that with 301.
+    if parts.status == StatusCode::TEMPORARY_REDIRECT {
+        parts.status = StatusCode::MOVED_PERMANENTLY;
+    }
     let status = parts.status;
     if (status.is_client_error() || status.is_server_error()) && body.is_end_stream() {
         let mut out = response::status(status);

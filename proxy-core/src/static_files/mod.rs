@@ -4,7 +4,8 @@
 //! Built on tower-http's `ServeDir`, which brings GET and HEAD (anything else is 405),
 //! `Content-Type` by extension, `Last-Modified` and a strong `ETag`, conditional requests
 //! (`If-None-Match` / `If-Modified-Since` → 304, `If-Match` / `If-Unmodified-Since` → 412),
-//! a single byte range (206, or 416 with `Content-Range: bytes */LEN`), precompressed
+//! a single byte range (206, or 416 with `Content-Range: bytes */LEN`; several ranges get
+//! the whole file), precompressed
 //! `.gz` / `.br` siblings chosen by `Accept-Encoding` (with `Vary: accept-encoding`), and
 //! bodies streamed from disk in 64 KiB chunks with backpressure: a 200 MiB file costs one
 //! chunk of memory, not 200 MiB. This module adds:

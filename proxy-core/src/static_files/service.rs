@@ -98,7 +98,7 @@ impl Builder {
 
     /// nginx `index NAME`: the file served for a path ending in `/`. Default `index.html`;
     /// `None` disables it (a directory path is then 404). A path naming a directory
-    /// without the trailing `/` is redirected to it (307) while an index is set.
+    /// without the trailing `/` is redirected to it (301, as nginx) while an index is set.
     pub fn index(mut self, name: Option<&str>) -> Self {
         self.index = name.map(str::to_owned);
         self
@@ -335,6 +335,15 @@ impl tower_service::Service<Request> for StaticFiles {
                 Some(uri) => *req.uri_mut() = uri,
                 None => return early(&shared, StatusCode::BAD_REQUEST),
             }
+        }
+        // Several ranges would need a multipart/byteranges answer; the file is sent whole
+        // instead (a server may ignore Range, RFC 9110 §14.2), rather than refused.
+        let multi_range = req
+            .headers()
+            .get(http::header::RANGE)
+            .is_some_and(|v| v.as_bytes().contains(&b','));
+        if multi_range {
+            req.headers_mut().remove(http::header::RANGE);
         }
         ResponseFuture::serving(self.serve.try_call(req), shared)
     }
