@@ -742,6 +742,27 @@ async fn missing_or_repeated_host() {
     .await;
 }
 
+/// Raw bytes above 0x7F in the target (found by the whole-stack fuzzer): hyper accepts
+/// them, RFC 9112 does not, so they reach the upstream percent-encoded.
+#[tokio::test]
+async fn non_ascii_targets_go_upstream_percent_encoded() {
+    run_all(&[
+        case(
+            "raw UTF-8 in an origin-form target",
+            b"GET /a\xd1\xa6=1?q=\xc3\xa9 HTTP/1.1\r\nHost: h.test\r\nConnection: close\r\n\r\n",
+            Expect::RejectOr(1),
+        )
+        .check(|r| assert_eq!(r[0].target, "/a%D1%A6=1?q=%C3%A9")),
+        case(
+            "raw UTF-8 in an absolute-form target",
+            b"GET http://h.test/\xc3\xa9 HTTP/1.1\r\nHost: h.test\r\nConnection: close\r\n\r\n",
+            Expect::RejectOr(1),
+        )
+        .check(|r| assert_eq!(r[0].target, "/%C3%A9")),
+    ])
+    .await;
+}
+
 #[tokio::test]
 async fn absolute_form_targets() {
     run_all(&[

@@ -454,11 +454,17 @@ impl tower_service::Service<Request> for Counting {
 
     fn call(&mut self, mut req: Request) -> Self::Future {
         // An absolute-form target with an empty path (`http://h?q`) goes upstream with
-        // `/` as its path (RFC 9112 §3.2.1).
-        let target = match req.uri().path_and_query().map(|pq| pq.as_str()) {
-            None | Some("") => "/".to_owned(),
-            Some(pq) if pq.starts_with('?') => format!("/{pq}"),
-            Some(pq) => pq.to_owned(),
+        // `/` as its path (RFC 9112 §3.2.1); raw non-ASCII bytes go percent-encoded.
+        let target = match req.uri().path_and_query() {
+            None => "/".to_owned(),
+            Some(pq) if !pq.as_str().is_ascii() => crate::upstream::percent_encode_non_ascii(pq)
+                .map_or_else(|_| pq.as_str().to_owned(), |pq| pq.as_str().to_owned()),
+            Some(pq) => pq.as_str().to_owned(),
+        };
+        let target = match target.as_str() {
+            "" => "/".to_owned(),
+            t if t.starts_with('?') => format!("/{t}"),
+            _ => target,
         };
         let k = {
             let mut accepted = lock(&self.shared.accepted);

@@ -204,13 +204,13 @@ impl UpstreamClient {
         *req.uri_mut() = if req.method() == Method::CONNECT {
             Uri::from(upstream.clone())
         } else if req.uri().scheme().is_none() && req.uri().authority().is_none() {
-            // Origin form already: keep it byte for byte.
-            Uri::from(
-                req.uri()
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            )
+            // Origin form already: keep it byte for byte, unless it holds raw non-ASCII
+            // bytes (outside RFC 9112's grammar): those go percent-encoded.
+            match req.uri().path_and_query() {
+                Some(pq) if !pq.as_str().is_ascii() => Uri::from(percent_encode_non_ascii(pq)?),
+                Some(pq) => Uri::from(pq.clone()),
+                None => Uri::from(PathAndQuery::from_static("/")),
+            }
         } else {
             // Absolute form (rare): rebuild `/path?query` from its parts, since an
             // absolute URI may store an empty path it only displays as `/`.
@@ -220,7 +220,11 @@ impl UpstreamClient {
             };
             let pq = PathAndQuery::try_from(target)
                 .map_err(|e| Error::with_source(Kind::BadRequest, e))?;
-            Uri::from(pq)
+            if pq.as_str().is_ascii() {
+                Uri::from(pq)
+            } else {
+                Uri::from(percent_encode_non_ascii(&pq)?)
+            }
         };
         *req.version_mut() = Version::HTTP_11;
         Ok(upgrade)
@@ -331,4 +335,36 @@ fn find_source<'a, T: std::error::Error + 'static>(
         cur = err.source();
     }
     None
+}
+
+/// `pq` with every byte above 0x7F written as `%XX`. hyper accepts such bytes in a
+/// request target, but RFC 9112 does not, and a strict upstream would refuse the request
+/// (or read it differently); the encoded form means the same path to any application.
+pub(crate) fn percent_encode_non_ascii(pq: &PathAndQuery) -> Result<PathAndQuery, Error> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let raw = pq.as_str().as_bytes();
+    let mut out = Vec::with_capacity(raw.len() + 16);
+    for &b in raw {
+        if b.is_ascii() {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xF)]]);
+        }
+    }
+    PathAndQuery::try_from(out).map_err(|e| Error::with_source(Kind::BadRequest, e))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests may unwrap.
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_ascii_targets_are_percent_encoded() {
+        let pq = PathAndQuery::try_from(&b"/a\xd1\xa6=1?q=\xc3\xa9"[..]).unwrap();
+        assert_eq!(
+            percent_encode_non_ascii(&pq).unwrap().as_str(),
+            "/a%D1%A6=1?q=%C3%A9"
+        );
+    }
 }

@@ -14,6 +14,7 @@
 //! ```
 
 mod client;
+pub(crate) use client::percent_encode_non_ascii;
 mod forward;
 mod pool;
 mod tunnel;
