@@ -124,12 +124,16 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
                 }
             }
             first = false;
-            let mut conn = builder
-                .serve_connection(
-                    TokioIo::new(ParkIo::new(prefix, io, self.state.clone())),
-                    adapter,
-                )
-                .with_upgrades();
+            // Boxed: the connection task itself stays small (it is what a parked
+            // connection costs); hyper's state lives in this box only while serving.
+            let mut conn = Box::pin(
+                builder
+                    .serve_connection(
+                        TokioIo::new(ParkIo::new(prefix, io, self.state.clone())),
+                        adapter,
+                    )
+                    .with_upgrades(),
+            );
             let start = self.state.served();
             let mut graceful = false;
             let state = &self.state;
@@ -141,10 +145,10 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
                 }
                 let ready = |s: &ConnState| s.served() > start && s.all_responded();
                 if !graceful && (*stopping || ready(state)) {
-                    Pin::new(&mut conn).graceful_shutdown();
+                    conn.as_mut().graceful_shutdown();
                     graceful = true;
                 }
-                match Pin::new(&mut conn).poll(cx) {
+                match conn.as_mut().poll(cx) {
                     Poll::Ready(r) => return Poll::Ready(r),
                     // A head came out during this poll: end the connection after it.
                     Poll::Pending if !graceful && ready(state) => continue,
@@ -157,7 +161,7 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
                 return;
             }
             // None: upgraded, the stream went to `hyper::upgrade::on`.
-            let Some(parts) = conn.into_parts() else {
+            let Some(parts) = Pin::into_inner(conn).into_parts() else {
                 return;
             };
             let (rest, inner) = parts.io.into_inner().into_parts();
