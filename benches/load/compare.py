@@ -30,7 +30,8 @@ What it does:
 
 Everything listens on 127.0.0.1 only, every client run is bounded in time, and every
 process it started is stopped when it ends. Environment: DURATION (seconds per run, 5),
-CONNS (wrk connections, 50), IDLE_CONNS (5000), SLOW_CONNS (1000), PROXY_CPU (0),
+CONNS (wrk connections, 50), IDLE_CONNS (5000), IDLE_SETTLE (seconds between the last
+idle connection's response and the memory reading, 1.5), SLOW_CONNS (1000), PROXY_CPU (0),
 LOAD_CPU (1), WORKERS (1), SCENARIOS (comma list, default all), CALLGRIND_REQUESTS (20000).
 """
 
@@ -50,6 +51,7 @@ DURATION = int(os.environ.get("DURATION", "5"))
 CONNS = int(os.environ.get("CONNS", "50"))
 IDLE_CONNS = int(os.environ.get("IDLE_CONNS", "5000"))
 SLOW_CONNS = int(os.environ.get("SLOW_CONNS", "1000"))
+IDLE_SETTLE = float(os.environ.get("IDLE_SETTLE", "1.5"))
 PROXY_CPU = os.environ.get("PROXY_CPU", "0")
 LOAD_CPU = os.environ.get("LOAD_CPU", "1")
 WORKERS = int(os.environ.get("WORKERS", "1"))
@@ -342,7 +344,9 @@ def scenario(name, proc, port, tls_port):
         try:
             if not ready.wait(60):
                 raise RuntimeError("idle connections not established in 60 s")
-            time.sleep(0.5)  # allow the server to settle after the last response
+            # Let the servers settle after the last response: ours parks a connection
+            # once it has been idle for `park_after` (250 ms, parked within 500 ms).
+            time.sleep(IDLE_SETTLE)
             after = proc.status_kib("VmRSS")
             return {"requests": IDLE_CONNS, "rps": None, "p50": None, "p99": None,
                     "cpu_us": None, "errors": "",

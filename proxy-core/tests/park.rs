@@ -83,9 +83,11 @@ fn hasty() -> impl tower::Service<
     })
 }
 
+/// Parking after every response: the tests see each park at once.
 fn config() -> HttpConfig {
     let mut c = HttpConfig::default();
     c.shutdown_linger = Duration::ZERO;
+    c.park_after = Duration::ZERO;
     c
 }
 
@@ -361,6 +363,41 @@ async fn a_request_body_read_whole_parks() {
         .await
         .unwrap();
     assert_eq!(read_response(&mut s, &mut buf).await.1, "GET /v 0");
+}
+
+#[tokio::test]
+async fn a_busy_connection_stays_with_hyper_until_idle_for_the_delay() {
+    let mut c = config();
+    c.park_after = Duration::from_secs(60);
+    let server = start(echo(), c).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..3 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        read_response(&mut s, &mut buf).await;
+        assert_eq!(server.stats.parked(), 0);
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_parked_after_the_delay() {
+    let mut c = config();
+    c.park_after = Duration::from_millis(100);
+    let server = start(echo(), c).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = Vec::new();
+    for i in 0..3 {
+        s.write_all(format!("GET /{i} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            read_response(&mut s, &mut buf).await.1,
+            format!("GET /{i} 0")
+        );
+        wait_for(|| server.stats.parked() == 1).await;
+    }
 }
 
 #[tokio::test]

@@ -139,20 +139,64 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
             let state = &self.state;
             let stopped = &mut self.stopped;
             let stopping = &mut self.stopping;
+            let sleep = &mut self.sleep;
+            let park_after = config.park_after;
+            // Delayed parking: the timer is armed once per `park_after` period, not per
+            // request; a connection that served nothing new for a whole period while
+            // every request had its response is idle.
+            let mut armed: Option<u32> = None;
             let done = poll_fn(|cx| loop {
                 if !*stopping && stopped.as_mut().poll(cx).is_ready() {
                     *stopping = true;
                 }
-                let ready = |s: &ConnState| s.served() > start && s.all_responded();
-                if !graceful && (*stopping || ready(state)) {
-                    conn.as_mut().graceful_shutdown();
-                    graceful = true;
+                if !graceful {
+                    let served = state.served();
+                    let answered = served > start && state.all_responded();
+                    let idle = if *stopping {
+                        true
+                    } else if park_after.is_zero() {
+                        answered
+                    } else if served == start {
+                        false
+                    } else if let Some(seen) = armed {
+                        if sleep.as_mut().poll(cx).is_ready() {
+                            if seen == served && answered {
+                                true
+                            } else {
+                                sleep.as_mut().reset(Instant::now() + park_after);
+                                armed = Some(served);
+                                false
+                            }
+                        } else {
+                            false
+                        }
+                    } else {
+                        sleep.as_mut().reset(Instant::now() + park_after);
+                        armed = Some(served);
+                        false
+                    };
+                    if idle {
+                        conn.as_mut().graceful_shutdown();
+                        graceful = true;
+                    }
                 }
                 match conn.as_mut().poll(cx) {
                     Poll::Ready(r) => return Poll::Ready(r),
-                    // A head came out during this poll: end the connection after it.
-                    Poll::Pending if !graceful && ready(state) => continue,
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending if graceful => return Poll::Pending,
+                    Poll::Pending => {
+                        // What this poll did that the checks above have not seen: a
+                        // response head (end now, or arm the timer), a timer to register.
+                        let served = state.served();
+                        let again = if park_after.is_zero() {
+                            served > start && state.all_responded()
+                        } else {
+                            (served > start && armed.is_none())
+                                || (armed.is_some() && sleep.as_mut().poll(cx).is_ready())
+                        };
+                        if !again {
+                            return Poll::Pending;
+                        }
+                    }
                 }
             })
             .await;
