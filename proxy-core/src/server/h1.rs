@@ -146,6 +146,9 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
             // every request had its response is idle.
             let mut armed: Option<u32> = None;
             let done = poll_fn(|cx| loop {
+                // Set when the timer was reset in this pass: it must be polled once to
+                // register; otherwise the check below already polled it.
+                let mut reset = false;
                 if !*stopping && stopped.as_mut().poll(cx).is_ready() {
                     *stopping = true;
                 }
@@ -165,6 +168,7 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
                             } else {
                                 sleep.as_mut().reset(Instant::now() + park_after);
                                 armed = Some(served);
+                                reset = true;
                                 false
                             }
                         } else {
@@ -173,6 +177,7 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
                     } else {
                         sleep.as_mut().reset(Instant::now() + park_after);
                         armed = Some(served);
+                        reset = true;
                         false
                     };
                     if idle {
@@ -191,7 +196,7 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
                             served > start && state.all_responded()
                         } else {
                             (served > start && armed.is_none())
-                                || (armed.is_some() && sleep.as_mut().poll(cx).is_ready())
+                                || (reset && sleep.as_mut().poll(cx).is_ready())
                         };
                         if !again {
                             return Poll::Pending;
