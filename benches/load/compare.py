@@ -32,7 +32,9 @@ Everything listens on 127.0.0.1 only, every client run is bounded in time, and e
 process it started is stopped when it ends. Environment: DURATION (seconds per run, 5),
 CONNS (wrk connections, 50), IDLE_CONNS (5000), IDLE_SETTLE (seconds between the last
 idle connection's response and the memory reading, 1.5), SLOW_CONNS (1000), PROXY_CPU (0),
-LOAD_CPU (1), WORKERS (1), SCENARIOS (comma list, default all), CALLGRIND_REQUESTS (20000).
+LOAD_CPU (1), WORKERS (1), SCENARIOS (comma list, default all), CALLGRIND_REQUESTS (20000),
+OURS_PRELOAD / OURS_MALLOC_CONF (run our proxy with another allocator, e.g.
+/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 and dirty_decay_ms:0).
 """
 
 import os
@@ -91,11 +93,11 @@ def wait_port(port, deadline=20.0):
 class Proc:
     """A started server: its pid tree, CPU ticks and memory from /proc."""
 
-    def __init__(self, name, argv, cpu, log):
+    def __init__(self, name, argv, cpu, log, env=None):
         self.name = name
         self.popen = subprocess.Popen(
             ["taskset", "-c", cpu] + argv, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            start_new_session=True, env=env)
 
     def pids(self):
         root = self.popen.pid
@@ -452,8 +454,17 @@ def main():
             vg = ["valgrind", "--tool=callgrind", "--dump-instr=no"]
         ours_out = os.path.join(work, "callgrind.ours")
         ngx_out = os.path.join(work, "callgrind.nginx")
+        # OURS_PRELOAD: an allocator library to run our proxy with (LD_PRELOAD), to see
+        # how much of the memory the process frees it gives back (glibc's malloc keeps
+        # freed heap pages); OURS_MALLOC_CONF is passed as MALLOC_CONF (jemalloc).
+        ours_env = None
+        if os.environ.get("OURS_PRELOAD"):
+            ours_env = dict(os.environ, LD_PRELOAD=os.environ["OURS_PRELOAD"])
+            if os.environ.get("OURS_MALLOC_CONF"):
+                ours_env["MALLOC_CONF"] = os.environ["OURS_MALLOC_CONF"]
         ours = Proc("ours", (vg + [f"--callgrind-out-file={ours_out}.%p"] if cg else []) +
-                    [ours_bin, "run", "-c", conf("ours.toml", ours_conf(ours_p, up))], PROXY_CPU, log)
+                    [ours_bin, "run", "-c", conf("ours.toml", ours_conf(ours_p, up))], PROXY_CPU, log,
+                    ours_env)
         procs.append(ours)
         ngx = Proc("nginx", (vg + [f"--callgrind-out-file={ngx_out}.%p"] if cg else []) +
                    ["nginx", "-e", os.path.join(work, "ngx.err"), "-c",
