@@ -10,11 +10,14 @@
 //!    header timeout for the first request and the keep-alive timeout afterwards; EOF,
 //!    the timeout or server shutdown close the connection. Nothing HTTP exists yet.
 //! 2. Start a hyper HTTP/1 connection on the stream ([`ParkIo`], with any bytes left
-//!    from before in front). When the service has produced the response head of every
-//!    request read so far (hyper encodes a head in the poll that receives it), tell hyper
-//!    to end the connection after the current message (`graceful_shutdown`: keep-alive
-//!    off; the head is already encoded, so no `Connection: close` is added to it). hyper
-//!    sends the rest of the response, flushes, and returns.
+//!    from before in front) and let it serve keep-alive requests as usual. Once the
+//!    service has produced the response head of every request read so far (hyper encodes
+//!    a head in the poll that receives it) and no new request came for `park_after`
+//!    (zero: at once), tell hyper to end the connection after the current message
+//!    (`graceful_shutdown`: keep-alive off; the heads are already encoded, so no
+//!    `Connection: close` is added). hyper sends the rest of the response, flushes, and
+//!    returns. (Re-creating hyper's connection costs about 11,000 instructions, hence
+//!    the delay: busy connections never pay it.)
 //! 3. Take the stream and any bytes hyper read past the message (`into_parts`). If the
 //!    message ended cleanly (the request body was read whole, nobody asked to close, the
 //!    server is not stopping), go to 1 with those bytes; otherwise shut the socket down.
