@@ -30,8 +30,11 @@ What it does:
 
 Everything listens on 127.0.0.1 only, every client run is bounded in time, and every
 process it started is stopped when it ends. Environment: DURATION (seconds per run, 5),
-CONNS (wrk connections, 50), IDLE_CONNS (5000), SLOW_CONNS (1000), PROXY_CPU (0),
-LOAD_CPU (1), WORKERS (1), SCENARIOS (comma list, default all), CALLGRIND_REQUESTS (20000).
+CONNS (wrk connections, 50), IDLE_CONNS (5000), IDLE_SETTLE (seconds between the last
+idle connection's response and the memory reading, 1.5), SLOW_CONNS (1000), PROXY_CPU (0),
+LOAD_CPU (1), WORKERS (1), SCENARIOS (comma list, default all), CALLGRIND_REQUESTS (20000),
+OURS_PRELOAD / OURS_MALLOC_CONF (run our proxy with another allocator, e.g.
+/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 and dirty_decay_ms:0).
 """
 
 import os
@@ -50,6 +53,7 @@ DURATION = int(os.environ.get("DURATION", "5"))
 CONNS = int(os.environ.get("CONNS", "50"))
 IDLE_CONNS = int(os.environ.get("IDLE_CONNS", "5000"))
 SLOW_CONNS = int(os.environ.get("SLOW_CONNS", "1000"))
+IDLE_SETTLE = float(os.environ.get("IDLE_SETTLE", "1.5"))
 PROXY_CPU = os.environ.get("PROXY_CPU", "0")
 LOAD_CPU = os.environ.get("LOAD_CPU", "1")
 WORKERS = int(os.environ.get("WORKERS", "1"))
@@ -89,11 +93,11 @@ def wait_port(port, deadline=20.0):
 class Proc:
     """A started server: its pid tree, CPU ticks and memory from /proc."""
 
-    def __init__(self, name, argv, cpu, log):
+    def __init__(self, name, argv, cpu, log, env=None):
         self.name = name
         self.popen = subprocess.Popen(
             ["taskset", "-c", cpu] + argv, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            start_new_session=True, env=env)
 
     def pids(self):
         root = self.popen.pid
@@ -342,7 +346,9 @@ def scenario(name, proc, port, tls_port):
         try:
             if not ready.wait(60):
                 raise RuntimeError("idle connections not established in 60 s")
-            time.sleep(0.5)  # allow the server to settle after the last response
+            # Let the servers settle after the last response: ours parks a connection
+            # once it has been idle for `park_after` (250 ms, parked within 500 ms).
+            time.sleep(IDLE_SETTLE)
             after = proc.status_kib("VmRSS")
             return {"requests": IDLE_CONNS, "rps": None, "p50": None, "p99": None,
                     "cpu_us": None, "errors": "",
@@ -448,8 +454,17 @@ def main():
             vg = ["valgrind", "--tool=callgrind", "--dump-instr=no"]
         ours_out = os.path.join(work, "callgrind.ours")
         ngx_out = os.path.join(work, "callgrind.nginx")
+        # OURS_PRELOAD: an allocator library to run our proxy with (LD_PRELOAD), to see
+        # how much of the memory the process frees it gives back (glibc's malloc keeps
+        # freed heap pages); OURS_MALLOC_CONF is passed as MALLOC_CONF (jemalloc).
+        ours_env = None
+        if os.environ.get("OURS_PRELOAD"):
+            ours_env = dict(os.environ, LD_PRELOAD=os.environ["OURS_PRELOAD"])
+            if os.environ.get("OURS_MALLOC_CONF"):
+                ours_env["MALLOC_CONF"] = os.environ["OURS_MALLOC_CONF"]
         ours = Proc("ours", (vg + [f"--callgrind-out-file={ours_out}.%p"] if cg else []) +
-                    [ours_bin, "run", "-c", conf("ours.toml", ours_conf(ours_p, up))], PROXY_CPU, log)
+                    [ours_bin, "run", "-c", conf("ours.toml", ours_conf(ours_p, up))], PROXY_CPU, log,
+                    ours_env)
         procs.append(ours)
         ngx = Proc("nginx", (vg + [f"--callgrind-out-file={ngx_out}.%p"] if cg else []) +
                    ["nginx", "-e", os.path.join(work, "ngx.err"), "-c",

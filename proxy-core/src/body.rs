@@ -19,6 +19,7 @@
 //! ```
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -27,6 +28,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use pin_project_lite::pin_project;
 
 use crate::error::{Error, Kind};
+use crate::server::ConnState;
 
 pin_project! {
     /// A request or response body. See the [module docs](self).
@@ -45,6 +47,9 @@ pin_project! {
         Empty,
         Full { data: Option<Bytes> },
         Incoming { #[pin] body: hyper::body::Incoming },
+        // A client request body whose end the connection driver needs to know about
+        // (see `server/h1.rs`): no allocation, one reference count per request.
+        Watched { #[pin] body: hyper::body::Incoming, conn: Arc<ConnState> },
         Boxed { #[pin] body: UnsyncBoxBody<Bytes, Error> },
     }
 }
@@ -77,7 +82,14 @@ impl ProxyBody {
             Inner::Full { data } => Some(ProxyBody {
                 inner: Inner::Full { data: data.clone() },
             }),
-            Inner::Incoming { .. } | Inner::Boxed { .. } => None,
+            Inner::Incoming { .. } | Inner::Watched { .. } | Inner::Boxed { .. } => None,
+        }
+    }
+
+    /// A client request body that tells `conn` when it has been read to its end.
+    pub(crate) fn watched(body: hyper::body::Incoming, conn: Arc<ConnState>) -> Self {
+        ProxyBody {
+            inner: Inner::Watched { body, conn },
         }
     }
 
@@ -183,6 +195,15 @@ impl Body for ProxyBody {
             InnerProj::Empty => Poll::Ready(None),
             InnerProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             InnerProj::Incoming { body } => body.poll_frame(cx).map_err(Error::from),
+            InnerProj::Watched { mut body, conn } => {
+                let frame = body.as_mut().poll_frame(cx);
+                match &frame {
+                    Poll::Ready(None) => conn.request_body_read(),
+                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => conn.request_body_read(),
+                    _ => {}
+                }
+                frame.map_err(Error::from)
+            }
             InnerProj::Boxed { body } => body.poll_frame(cx),
         }
     }
@@ -191,7 +212,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Empty => true,
             Inner::Full { data } => data.is_none(),
-            Inner::Incoming { body } => body.is_end_stream(),
+            Inner::Incoming { body } | Inner::Watched { body, .. } => body.is_end_stream(),
             Inner::Boxed { body } => body.is_end_stream(),
         }
     }
@@ -202,7 +223,7 @@ impl Body for ProxyBody {
             Inner::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            Inner::Incoming { body } => body.size_hint(),
+            Inner::Incoming { body } | Inner::Watched { body, .. } => body.size_hint(),
             Inner::Boxed { body } => body.size_hint(),
         }
     }
@@ -216,7 +237,7 @@ impl std::fmt::Debug for ProxyBody {
                 .debug_struct("ProxyBody::Full")
                 .field("len", &data.as_ref().map_or(0, |d| d.len()))
                 .finish(),
-            Inner::Incoming { .. } => f.write_str("ProxyBody::Incoming"),
+            Inner::Incoming { .. } | Inner::Watched { .. } => f.write_str("ProxyBody::Incoming"),
             Inner::Boxed { .. } => f.write_str("ProxyBody::Boxed"),
         }
     }

@@ -115,6 +115,10 @@ impl<A: Accept> Accept for ProxyProtocol<A> {
         }
         self.inner.accept(stream, info).await
     }
+
+    fn raw_tcp(io: &A::Io) -> Option<&TcpStream> {
+        A::raw_tcp(io)
+    }
 }
 
 /// Read one header, exactly: never a byte of the stream behind it.

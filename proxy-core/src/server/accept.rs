@@ -28,6 +28,18 @@ pub trait Accept: Clone + Send + Sync + 'static {
         stream: TcpStream,
         info: &mut ClientInfo,
     ) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+
+    /// The TCP stream under `io`, when `io` keeps no input of its own: its readability
+    /// then tells whether `io` has bytes to read. The server uses it to park idle HTTP/1
+    /// keep-alive connections with no HTTP state or buffers while they wait for their next
+    /// request (see [`HttpConfig::park_idle`](crate::server::HttpConfig::park_idle)).
+    ///
+    /// The default, `None`, suits streams that buffer input themselves (TLS): their
+    /// connections stay with hyper between requests. Wrappers forward to what they wrap.
+    fn raw_tcp(io: &Self::Io) -> Option<&TcpStream> {
+        let _ = io;
+        None
+    }
 }
 
 /// Plain TCP: the stream is served as it is.
@@ -43,5 +55,9 @@ impl Accept for Plain {
         _info: &mut ClientInfo,
     ) -> impl Future<Output = std::io::Result<TcpStream>> + Send {
         std::future::ready(Ok(stream))
+    }
+
+    fn raw_tcp(io: &TcpStream) -> Option<&TcpStream> {
+        Some(io)
     }
 }

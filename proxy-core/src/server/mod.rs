@@ -8,8 +8,12 @@
 mod accept;
 mod adapter;
 mod config;
+mod h1;
 mod listener;
+mod park_io;
 mod serve;
+
+pub(crate) use adapter::ConnState;
 
 pub use accept::{Accept, Plain};
 pub use config::HttpConfig;

@@ -182,6 +182,10 @@ impl<A: Accept> Accept for SendTimeoutAccept<A> {
         let inner = self.inner.accept(stream, info);
         async move { inner.await.map(|io| SendTimeoutIo::new(io, timeout)) }
     }
+
+    fn raw_tcp(io: &Self::Io) -> Option<&TcpStream> {
+        A::raw_tcp(io.get_ref())
+    }
 }
 
 #[cfg(test)]
