@@ -15,7 +15,7 @@
 
 mod client;
 mod forward;
-mod pool;
+pub(crate) mod pool;
 mod tunnel;
 
 pub use client::{ClientConfig, UpstreamClient};
