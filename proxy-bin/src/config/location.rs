@@ -131,7 +131,14 @@ pub(super) fn build(
     if errs.len() > before {
         return None;
     }
-    let terminal = terminal?;
+    // Which server answered is read only by access logs and metrics: without them the
+    // upstream client does not record it.
+    let terminal = match terminal? {
+        Either::Left(b) => {
+            proxy(b.with_upstream_info(log.is_some() || ctx.shared.metrics.is_some()))
+        }
+        other => other,
+    };
     let body_limit = inherit!(ctx, loc, client_max_body_size).map_or(1 << 20, |s| s.0);
     let request_buffering = proxied
         && inherit!(ctx, loc, proxy_request_buffering)
@@ -198,6 +205,27 @@ pub(super) fn build(
     )
 }
 
+/// The service at the bottom of a location's stack, as a concrete type: the location is
+/// boxed once (by `Location::new`), so a second box here would be a second allocation
+/// and indirect call per request.
+type Terminal = Either<Balance, Either<Return, Either<Redirect, StaticFiles>>>;
+
+fn proxy(b: Balance) -> Terminal {
+    Either::Left(b)
+}
+
+fn ret(r: Return) -> Terminal {
+    Either::Right(Either::Left(r))
+}
+
+fn redirect_to(r: Redirect) -> Terminal {
+    Either::Right(Either::Right(Either::Left(r)))
+}
+
+fn files(f: StaticFiles) -> Terminal {
+    Either::Right(Either::Right(Either::Right(f)))
+}
+
 /// The service at the bottom of the stack: exactly one of proxy_pass, return, root, alias.
 fn terminal(
     ctx: &Ctx<'_, '_>,
@@ -205,7 +233,7 @@ fn terminal(
     pattern: &Pattern,
     loc: &schema::Location,
     errs: &mut Vec<Diagnostic>,
-) -> Option<LocationService> {
+) -> Option<Terminal> {
     let src = ctx.src;
     let chosen = [
         loc.proxy_pass.as_ref().map(|s| ("proxy_pass", s.span())),
@@ -237,14 +265,14 @@ fn terminal(
         };
         let next = next_upstream(ctx, key, loc, errs)?;
         let balance = proxy_pass(ctx, &format!("{key}.proxy_pass"), pass, loc, errs)?;
-        return Some(LocationService::new(
+        return Some(proxy(
             balance.with_timeouts(timeouts).with_next_upstream(next),
         ));
     }
     if let Some(r) = &loc.return_ {
         return return_service(src, &format!("{key}.return"), r, errs);
     }
-    static_files(src, key, pattern, loc, errs).map(LocationService::new)
+    static_files(src, key, pattern, loc, errs).map(files)
 }
 
 fn static_files(
@@ -751,7 +779,7 @@ fn return_service(
     key: &str,
     r: &Spanned<schema::Return>,
     errs: &mut Vec<Diagnostic>,
-) -> Option<LocationService> {
+) -> Option<Terminal> {
     let (status, url, body) = match r.get_ref() {
         schema::Return::Status(s) => (*s, None, None),
         schema::Return::Full { status, url, body } => (*status, url.as_deref(), body.as_deref()),
@@ -768,7 +796,7 @@ fn return_service(
         return None;
     };
     if status == 444 {
-        return Some(LocationService::new(Return::close()));
+        return Some(ret(Return::close()));
     }
     if let Some(url) = url {
         if !code.is_redirection() {
@@ -776,18 +804,18 @@ fn return_service(
             return None;
         }
         return match redirect(code, url) {
-            Some(r) => Some(LocationService::new(r)),
+            Some(r) => Some(redirect_to(r)),
             None => {
                 errs.push(src.diag(Some(r.span()), key.to_owned(), format!("unsupported redirect url {url:?}: use SCHEME://$host$request_uri or SCHEME://HOST$request_uri")));
                 None
             }
         };
     }
-    let ret = match body {
+    let r = match body {
         Some(b) => Return::new(code).body(b.to_owned()),
         None => Return::new(code),
     };
-    Some(LocationService::new(ret))
+    Some(ret(r))
 }
 
 /// `https://$host$request_uri`, `$scheme://NAME$request_uri`, `https://NAME:8443$request_uri`.

@@ -3,6 +3,7 @@
 //! as nginx's `proxy_next_upstream` says ([`NextUpstream`]).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,6 +19,7 @@ use crate::balance::replay::Spare;
 use crate::body::{ProxyBody, Request, Response};
 use crate::error::{Error, Kind};
 use crate::response;
+use crate::upstream::pool::Endpoint;
 use crate::upstream::{UpstreamClient, UpstreamTimeouts};
 
 /// One condition of nginx's `proxy_next_upstream`.
@@ -239,6 +241,20 @@ struct Inner {
     client: UpstreamClient,
     timeouts: UpstreamTimeouts,
     next: NextUpstream,
+    /// The pool endpoints of the group's servers when it was built, so a request does not
+    /// look its server up in the pool (a lock and a hash). A server added later (DNS
+    /// discovery) is looked up per request.
+    endpoints: Vec<Arc<Endpoint>>,
+    upstream_info: bool,
+}
+
+impl Inner {
+    fn endpoint(&self, addr: SocketAddr) -> Result<Arc<Endpoint>, Error> {
+        match self.endpoints.iter().find(|e| e.addr() == addr) {
+            Some(e) => Ok(Arc::clone(e)),
+            None => self.client.endpoint(addr),
+        }
+    }
 }
 
 impl Balance {
@@ -249,12 +265,18 @@ impl Balance {
             read_timeout: client.config().read_timeout,
             idle_timeout: client.config().read_timeout,
         };
+        let endpoints = group
+            .stats()
+            .filter_map(|s| client.endpoint(s.addr).ok())
+            .collect();
         Balance {
             inner: Arc::new(Inner {
                 group,
                 client,
                 timeouts,
                 next: NextUpstream::default(),
+                endpoints,
+                upstream_info: true,
             }),
         }
     }
@@ -269,6 +291,13 @@ impl Balance {
         self.map(|i| i.next = next)
     }
 
+    /// Whether responses carry an [`UpstreamInfo`](crate::access_log::UpstreamInfo)
+    /// (which server answered, how fast), read by access logs and metrics. Default on;
+    /// a stack with neither can turn it off and save its cost.
+    pub fn with_upstream_info(self, on: bool) -> Self {
+        self.map(|i| i.upstream_info = on)
+    }
+
     /// The group requests are balanced over.
     pub fn group(&self) -> &Arc<Group> {
         &self.inner.group
@@ -280,6 +309,8 @@ impl Balance {
             client: shared.client.clone(),
             timeouts: shared.timeouts,
             next: shared.next,
+            endpoints: shared.endpoints.clone(),
+            upstream_info: shared.upstream_info,
         });
         f(&mut inner);
         Balance {
@@ -362,7 +393,16 @@ async fn attempt_all(inner: &Arc<Inner>, req: Request, attempts: &mut u32) -> Re
             (req, Spare::None)
         };
         let addr = lease.addr();
-        match inner.client.send_with(addr, req, &inner.timeouts).await {
+        let sent = match inner.endpoint(addr) {
+            Ok(ep) => {
+                inner
+                    .client
+                    .send_to(&ep, req, &inner.timeouts, inner.upstream_info)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match sent {
             Ok(resp) => {
                 let status = resp.status();
                 if next.counts(status) {

@@ -26,6 +26,7 @@ mod fuzz;
 mod host;
 mod location;
 mod path;
+mod service;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -35,8 +36,6 @@ use std::task::{Context, Poll};
 
 use http::header::{HeaderValue, HOST};
 use http::{Method, StatusCode, Version};
-use tower::util::{BoxCloneSyncService, Oneshot};
-use tower::ServiceExt;
 
 pub use actions::{Redirect, Return};
 #[doc(hidden)]
@@ -46,19 +45,19 @@ pub use host::{host_of, ServerName};
 pub use location::{Locations, Pattern};
 use path::normalize_path_cow;
 pub use path::{normalize_path, PathError};
+use service::{BoxFuture, Call};
+pub use service::{LocationFuture, LocationService};
 
 use crate::body::{Request, Response};
 use crate::client_info::ClientInfo;
 use crate::response;
 
-/// The service a location runs.
-pub type LocationService = BoxCloneSyncService<Request, Response, Infallible>;
-
 /// One `location` block: a pattern and the service that handles what it matches.
 #[derive(Clone)]
 pub struct Location {
     pattern: Pattern,
-    service: LocationService,
+    /// Erased once here; a [`LocationService`] given to `new` is not boxed again.
+    service: Arc<dyn Call>,
     internal: bool,
     allow_connect: bool,
 }
@@ -73,7 +72,7 @@ impl std::fmt::Debug for Location {
 }
 
 impl Location {
-    /// A location handled by `service`.
+    /// A location handled by `service` (any service, or a [`LocationService`]).
     pub fn new<S>(pattern: Pattern, service: S) -> Self
     where
         S: tower_service::Service<Request, Response = Response, Error = Infallible>
@@ -85,7 +84,7 @@ impl Location {
     {
         Location {
             pattern,
-            service: BoxCloneSyncService::new(service),
+            service: service::erase(service),
             internal: false,
             allow_connect: false,
         }
@@ -271,8 +270,8 @@ pub struct Router {
     inner: Arc<Inner>,
 }
 
-/// The future of a routed request.
-pub type RouteFuture = futures_like::Either<Oneshot<LocationService, Request>>;
+/// The future of a routed request: the location's (one box), or the router's own answer.
+pub type RouteFuture = futures_like::Either<BoxFuture>;
 
 mod futures_like {
     //! A two-way future: the location's, or an immediate response.
@@ -357,7 +356,7 @@ impl Router {
         best.map_or(self.inner.default, |(_, i)| i)
     }
 
-    fn route(&self, req: &mut Request) -> Result<(LocationService, Arc<Route>), Refusal> {
+    fn route(&self, req: &mut Request) -> Result<(&Arc<dyn Call>, &Arc<Route>), Refusal> {
         let bad = || Refusal::BadRequest;
         // RFC 9112 §3.2: more than one Host is a 400. Routing on one line while the
         // upstream reads another would be virtual-host confusion.
@@ -399,7 +398,7 @@ impl Router {
                 .zip(&server.routes)
                 .find(|(l, _)| l.allow_connect);
             return match found {
-                Some((l, r)) => Ok((l.service.clone(), r.clone())),
+                Some((l, r)) => Ok((&l.service, r)),
                 None => Err(Refusal::MethodNotAllowed),
             };
         }
@@ -411,7 +410,7 @@ impl Router {
         if loc.internal {
             return Err(Refusal::NotFound);
         }
-        Ok((loc.service.clone(), route.clone()))
+        Ok((&loc.service, route))
     }
 }
 
@@ -448,10 +447,8 @@ impl tower_service::Service<Request> for Router {
     fn call(&mut self, mut req: Request) -> RouteFuture {
         match self.route(&mut req) {
             Ok((svc, route)) => {
-                req.extensions_mut().insert(route);
-                futures_like::Either::Call {
-                    fut: svc.oneshot(req),
-                }
+                req.extensions_mut().insert(Arc::clone(route));
+                futures_like::Either::Call { fut: svc.call(req) }
             }
             Err(refusal) => futures_like::Either::Ready {
                 resp: Some(refusal.response()),

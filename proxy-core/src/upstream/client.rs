@@ -109,15 +109,18 @@ impl UpstreamClient {
         timeouts: &UpstreamTimeouts,
     ) -> Result<Response, Error> {
         let endpoint = self.endpoint(addr)?;
-        self.send_to(&endpoint, req, timeouts).await
+        self.send_to(&endpoint, req, timeouts, true).await
     }
 
-    /// [`send_with`](Self::send_with) to an endpoint already looked up.
+    /// [`send_with`](Self::send_with) to an endpoint already looked up. `upstream_info`:
+    /// whether to put an [`UpstreamInfo`] on the response, which only access logs and
+    /// metrics read (an extension costs two allocations on a response that has none).
     pub(crate) async fn send_to(
         &self,
         endpoint: &Arc<Endpoint>,
         mut req: Request,
         timeouts: &UpstreamTimeouts,
+        upstream_info: bool,
     ) -> Result<Response, Error> {
         let addr = endpoint.addr();
         let upgrade = self.prepare(endpoint.authority(), &mut req)?;
@@ -157,8 +160,10 @@ impl UpstreamClient {
         }
         let mut resp = resp.map(ProxyBody::from);
         // For access logs and metrics: which server answered, and how fast.
-        resp.extensions_mut()
-            .insert(UpstreamInfo::new(addr, started.elapsed()));
+        if upstream_info {
+            resp.extensions_mut()
+                .insert(UpstreamInfo::new(addr, started.elapsed()));
+        }
         // The client's connection has its own version; an HTTP/1.0 upstream's answer is
         // relayed on it as HTTP/1.1 framing decided by hyper.
         *resp.version_mut() = Version::HTTP_11;

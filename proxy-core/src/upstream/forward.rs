@@ -94,7 +94,7 @@ impl tower_service::Service<Request> for Forward {
                     timeouts,
                 } = &*this;
                 let sent = match endpoint {
-                    Some(ep) => client.send_to(ep, req, timeouts).await,
+                    Some(ep) => client.send_to(ep, req, timeouts, true).await,
                     None => client.send_with(*addr, req, timeouts).await,
                 };
                 match sent {

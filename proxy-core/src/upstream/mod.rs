@@ -16,7 +16,7 @@
 mod client;
 pub(crate) use client::percent_encode_non_ascii;
 mod forward;
-mod pool;
+pub(crate) mod pool;
 mod tunnel;
 
 pub use client::{ClientConfig, UpstreamClient};
