@@ -3,6 +3,8 @@
 //! WebSocket server (tungstenite) behind the proxy sees an ordinary HTTP/1.1 upgrade,
 //! and frames flow both ways.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// tungstenite's handshake callback returns its own large error type.
+#![allow(clippy::result_large_err)]
 
 mod support;
 
@@ -99,11 +101,15 @@ fn extended_connect(path: &str, protocol: &'static str) -> http::Request<ProxyBo
 #[tokio::test]
 async fn websocket_over_http2_reaches_an_http1_upstream() {
     let (up, seen) = echo_upstream().await;
-    let proxy = Proxy::start(Forward::new(
-        UpstreamClient::new(ClientConfig::default()),
-        up,
-    ))
-    .await;
+    // Through the router: an extended CONNECT is routed by its path, like a GET.
+    let forward = Forward::new(UpstreamClient::new(ClientConfig::default()), up);
+    let router = Router::builder()
+        .server(
+            VirtualServer::new([]).location(Location::new(Pattern::parse("/ws").unwrap(), forward)),
+        )
+        .build()
+        .unwrap();
+    let proxy = Proxy::start(router).await;
     let mut send = h2(proxy.addr).await;
     // The server announced SETTINGS_ENABLE_CONNECT_PROTOCOL, or the client refuses to send.
     send.ready().await.unwrap();
