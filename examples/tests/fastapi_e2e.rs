@@ -146,7 +146,11 @@ async fn the_app_behind_the_proxy_sees_the_client_https_and_its_routes() {
             .unwrap();
         assert_eq!(echoed, Message::text(text));
     }
+    // Finish the closing handshake: uvicorn answers the close and ends the tunnel, which
+    // ends the HTTP/2 stream (an open one would hold up the graceful stop below).
     ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap() {}
+    drop(ws);
 
     // /auth/token: 5r/m with burst=10 nodelay: 11 pass at once, then 429 without
     // reaching the app.
