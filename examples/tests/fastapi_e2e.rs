@@ -133,6 +133,25 @@ async fn the_app_behind_the_proxy_sees_the_client_https_and_its_routes() {
     );
     ws.close(None).await.unwrap();
 
+    // The same WebSocket as an HTTP/2 stream (RFC 8441): uvicorn sees an HTTP/1.1 upgrade.
+    let (status, ws) = f.h2_websocket("/ws/echo").await;
+    assert_eq!(status, 200);
+    let mut ws = ws.unwrap();
+    for text in ["over h2", &"y".repeat(100_000)] {
+        ws.send(Message::text(text)).await.unwrap();
+        let echoed = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("echo within the deadline")
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed, Message::text(text));
+    }
+    // Finish the closing handshake: uvicorn answers the close and ends the tunnel, which
+    // ends the HTTP/2 stream (an open one would hold up the graceful stop below).
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap() {}
+    drop(ws);
+
     // /auth/token: 5r/m with burst=10 nodelay: 11 pass at once, then 429 without
     // reaching the app.
     let before = f.served().await;

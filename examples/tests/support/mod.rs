@@ -326,6 +326,47 @@ impl Fixture {
         (status, resp.into_body().collect().await.unwrap().to_bytes())
     }
 
+    /// A WebSocket opened as an HTTP/2 stream (RFC 8441 extended CONNECT over TLS, ALPN
+    /// `h2`), as a browser holding an HTTP/2 connection does. Returns the status of the
+    /// CONNECT and, when it is 200, the WebSocket.
+    pub async fn h2_websocket(
+        &self,
+        path: &str,
+    ) -> (
+        StatusCode,
+        Option<tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>>,
+    ) {
+        let tls = self.tls_stream(&self.tls_h2).await;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        // Waits for the server's SETTINGS: the client only sends an extended CONNECT once
+        // the server has enabled it.
+        send.ready().await.unwrap();
+        let mut req = Request::connect(format!("https://{}{path}", self.host()))
+            .version(http::Version::HTTP_2)
+            .header("sec-websocket-version", "13")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let mut resp = send.send_request(req).await.unwrap();
+        let status = resp.status();
+        if status != StatusCode::OK {
+            return (status, None);
+        }
+        let io = hyper::upgrade::on(&mut resp).await.unwrap();
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(io),
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        (status, Some(ws))
+    }
+
     /// Sum of both apps' counters.
     pub async fn served(&self) -> u64 {
         let mut n = 0;

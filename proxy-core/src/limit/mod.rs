@@ -62,6 +62,7 @@
 //! # });
 //! ```
 
+mod hold;
 mod key;
 mod rate;
 mod zone;

@@ -4,16 +4,15 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::{HeaderValue, RETRY_AFTER};
 use http::StatusCode;
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::hold::{self, Hold};
 use super::key::Prehashed;
 use super::rate;
 use super::zone::{ReqZone, Step};
@@ -35,7 +34,7 @@ pub enum Delay {
 
 impl Delay {
     /// The threshold in milli-requests.
-    fn threshold(self) -> u64 {
+    pub(crate) fn threshold(self) -> u64 {
         match self {
             Delay::All => 0,
             Delay::Never => u64::MAX,
@@ -300,22 +299,11 @@ impl ReqConfig {
     }
 
     fn reject(&self, limit: usize, excess: u64) -> Response {
-        let retry_ms = self
+        let (retry_ms, zone) = self
             .limits
             .get(limit)
-            .map_or(1000, |l| l.retry_after_ms(excess));
-        let mut resp = crate::response::status(self.status);
-        resp.headers_mut().insert(
-            RETRY_AFTER,
-            HeaderValue::from(retry_ms.div_ceil(1000).max(1)),
-        );
-        resp.extensions_mut().insert(LimitReqStatus::Rejected);
-        if let Some(l) = self.limits.get(limit) {
-            resp.extensions_mut().insert(RejectedBy {
-                zone: l.zone.name().to_owned(),
-            });
-        }
-        resp
+            .map_or((1000, ""), |l| (l.retry_after_ms(excess), l.zone.name()));
+        hold::rejection(self.status, Duration::from_millis(retry_ms), zone)
     }
 
     fn log<B>(&self, req: &http::Request<B>, limit: usize, excess: u64, delay_ms: Option<u64>) {
@@ -356,42 +344,25 @@ where
     fn call(&mut self, mut req: Request) -> ResponseFuture<S> {
         let cfg = &*self.cfg;
         let state = match cfg.decide(&req) {
-            Outcome::Pass => State::Call {
-                fut: self.inner.call(req),
-            },
+            Outcome::Pass => Hold::call(self.inner.call(req)),
             Outcome::Reject { limit, excess } => {
                 cfg.log(&req, limit, excess, None);
                 if cfg.dry_run {
                     req.extensions_mut().insert(LimitReqStatus::RejectedDryRun);
-                    State::Call {
-                        fut: self.inner.call(req),
-                    }
+                    Hold::call(self.inner.call(req))
                 } else {
-                    State::Limited {
-                        resp: Some(cfg.reject(limit, excess)),
-                    }
+                    Hold::limited(cfg.reject(limit, excess))
                 }
             }
             Outcome::Delay { ms, limit, excess } => {
                 cfg.log(&req, limit, excess, Some(ms));
                 if cfg.dry_run {
                     req.extensions_mut().insert(LimitReqStatus::DelayedDryRun);
-                    State::Call {
-                        fut: self.inner.call(req),
-                    }
+                    Hold::call(self.inner.call(req))
                 } else {
                     req.extensions_mut().insert(LimitReqStatus::Delayed);
-                    // The service that `poll_ready` readied goes with the request; a
-                    // clone takes its place. Calling it only after the delay keeps work
-                    // done in `call` (an upstream pick, a connection count) at the time
-                    // the request really leaves.
-                    let clone = self.inner.clone();
-                    let svc = std::mem::replace(&mut self.inner, clone);
-                    State::Delayed {
-                        sleep: tokio::time::sleep(Duration::from_millis(ms)),
-                        svc: Some(svc),
-                        req: Some(req),
-                    }
+                    let svc = hold::take_ready(&mut self.inner);
+                    Hold::delayed(svc, req, Duration::from_millis(ms))
                 }
             }
         };
@@ -406,16 +377,7 @@ pin_project! {
         S: Service<Request>,
     {
         #[pin]
-        state: State<S, S::Future>,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<S, F> {
-        Call { #[pin] fut: F },
-        Limited { resp: Option<Response> },
-        Delayed { #[pin] sleep: Sleep, svc: Option<S>, req: Option<Request> },
+        state: Hold<S>,
     }
 }
 
@@ -425,34 +387,8 @@ where
 {
     type Output = Result<Response, S::Error>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            let mut this = self.as_mut().project();
-            let fut = match this.state.as_mut().project() {
-                StateProj::Call { fut } => return fut.poll(cx),
-                StateProj::Limited { resp } => {
-                    // Polled again after completion: answer rather than panic.
-                    let resp = resp.take().unwrap_or_else(|| {
-                        crate::response::status(StatusCode::INTERNAL_SERVER_ERROR)
-                    });
-                    return Poll::Ready(Ok(resp));
-                }
-                StateProj::Delayed { sleep, svc, req } => {
-                    ready!(sleep.poll(cx));
-                    if let Some(s) = svc.as_mut() {
-                        ready!(s.poll_ready(cx))?;
-                    }
-                    match (svc.take(), req.take()) {
-                        (Some(mut s), Some(r)) => s.call(r),
-                        _ => {
-                            let resp = crate::response::status(StatusCode::INTERNAL_SERVER_ERROR);
-                            return Poll::Ready(Ok(resp));
-                        }
-                    }
-                }
-            };
-            this.state.set(State::Call { fut });
-        }
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().state.poll(cx)
     }
 }
 
@@ -461,13 +397,8 @@ where
     S: Service<Request>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.state {
-            State::Call { .. } => "call",
-            State::Limited { .. } => "limited",
-            State::Delayed { .. } => "delayed",
-        };
         f.debug_struct("ResponseFuture")
-            .field("state", &state)
+            .field("state", &self.state.name())
             .finish()
     }
 }
@@ -478,6 +409,7 @@ mod tests {
     use super::*;
     use crate::client_info::{ClientInfo, Scheme};
     use crate::limit::{Key, Rate};
+    use http::header::RETRY_AFTER;
     use std::convert::Infallible;
     use std::sync::Mutex;
     use tokio::time::Instant;

@@ -391,7 +391,11 @@ impl Router {
                 req.headers_mut().insert(HOST, v);
             }
         }
-        if req.method() == Method::CONNECT {
+        // A classic CONNECT names a host, not a path. An HTTP/2 extended CONNECT (a
+        // WebSocket over HTTP/2, RFC 8441) has a path and is routed like a GET.
+        if req.method() == Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_none()
+        {
             let found = server
                 .locations
                 .iter()

@@ -418,7 +418,10 @@ fn http_builder(c: &HttpConfig) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .keep_alive_interval(c.h2_keep_alive_interval)
         .keep_alive_timeout(c.h2_keep_alive_timeout)
-        .max_concurrent_streams(c.h2_max_concurrent_streams);
+        .max_concurrent_streams(c.h2_max_concurrent_streams)
+        // WebSockets over HTTP/2 (RFC 8441): the upstream client turns them into
+        // HTTP/1.1 upgrades.
+        .enable_connect_protocol();
     b
 }
 

@@ -12,6 +12,7 @@ use crate::access_log::UpstreamInfo;
 use crate::body::{ProxyBody, Request, Response};
 use crate::error::{Error, Kind};
 use crate::hop;
+use crate::upstream::extended_connect;
 use crate::upstream::pool::{Endpoint, Pool, SendError};
 use crate::upstream::tunnel::{self, UpstreamTimeouts};
 
@@ -125,9 +126,10 @@ impl UpstreamClient {
         let addr = endpoint.addr();
         let upgrade = self.prepare(endpoint.authority(), &mut req)?;
         // Take the client side of a possible upgrade before the request is consumed. Its
-        // upgraded stream only exists after we answered 101, so no byte the client sent
-        // after its upgrade request can reach the upstream before the upstream agreed.
-        let client_upgrade = if upgrade {
+        // upgraded stream only exists after we answered 101 (or 200 to an HTTP/2
+        // extended CONNECT), so no byte the client sent after its upgrade request can
+        // reach the upstream before the upstream agreed.
+        let client_upgrade = if upgrade != Upgrade::No {
             req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()
         } else {
             None
@@ -148,8 +150,15 @@ impl UpstreamClient {
             return match client_upgrade {
                 Some(client_side) => {
                     let mut resp = resp;
+                    if upgrade == Upgrade::Extended && !extended_connect::accepted(&resp, WEBSOCKET)
+                    {
+                        return Err(Error::new(Kind::UpstreamProtocol));
+                    }
                     let upstream_side = hyper::upgrade::on(&mut resp);
                     tunnel::spawn(client_side, upstream_side, timeouts.idle_timeout);
+                    if upgrade == Upgrade::Extended {
+                        return Ok(extended_connect::to_h2_response(resp));
+                    }
                     let mut resp = resp.map(|_| ProxyBody::empty());
                     hop::strip(resp.headers_mut(), true);
                     Ok(resp)
@@ -183,8 +192,8 @@ impl UpstreamClient {
         }
     }
 
-    /// Rewrite `req` for the upstream hop; returns whether an upgrade is being proxied.
-    fn prepare(&self, upstream: &Authority, req: &mut Request) -> Result<bool, Error> {
+    /// Rewrite `req` for the upstream hop; returns which upgrade is being proxied.
+    fn prepare(&self, upstream: &Authority, req: &mut Request) -> Result<Upgrade, Error> {
         // Host: as the client sent it; an absolute-form target (or HTTP/2 :authority)
         // replaces it (RFC 9112 §3.2.2).
         let authority = req.uri().authority().cloned();
@@ -193,8 +202,20 @@ impl UpstreamClient {
                 .map_err(|e| Error::with_source(Kind::BadRequest, e))?;
             req.headers_mut().insert(HOST, value);
         }
-        let upgrade = self.wants_upgrade(req);
-        hop::strip(req.headers_mut(), upgrade);
+        let upgrade = match extended_connect::protocol(req) {
+            Some(p) if p.eq_ignore_ascii_case(WEBSOCKET) && self.allows_upgrade(WEBSOCKET) => {
+                Upgrade::Extended
+            }
+            // Other extended CONNECT protocols (WebTransport, CONNECT-UDP) have no
+            // HTTP/1.1 form an upstream could be asked for.
+            Some(_) => return Err(Error::new(Kind::BadRequest)),
+            None if self.wants_upgrade(req) => Upgrade::Http1,
+            None => Upgrade::No,
+        };
+        hop::strip(req.headers_mut(), upgrade == Upgrade::Http1);
+        if upgrade == Upgrade::Extended {
+            extended_connect::to_http1_upgrade(req, WEBSOCKET);
+        }
         // Re-serialise Content-Length canonically (no leading zeros an upstream could
         // read as octal): the body's exact length is what will be sent.
         if req.headers().contains_key(CONTENT_LENGTH) {
@@ -243,13 +264,29 @@ impl UpstreamClient {
             return false;
         };
         let proto = proto.split('/').next().unwrap_or("").trim();
-        !proto.eq_ignore_ascii_case("h2c")
-            && self
-                .config
-                .upgrades
-                .iter()
-                .any(|p| p.eq_ignore_ascii_case(proto))
+        !proto.eq_ignore_ascii_case("h2c") && self.allows_upgrade(proto)
     }
+
+    fn allows_upgrade(&self, proto: &str) -> bool {
+        self.config
+            .upgrades
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(proto))
+    }
+}
+
+/// The one protocol HTTP/2 extended CONNECT is translated for (RFC 8441).
+const WEBSOCKET: &str = "websocket";
+
+/// Which upgrade a request going upstream asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upgrade {
+    /// None: an ordinary request.
+    No,
+    /// An HTTP/1.1 `Upgrade` (WebSocket), passed on as it came.
+    Http1,
+    /// An HTTP/2 extended CONNECT for a WebSocket, sent upstream as an HTTP/1.1 upgrade.
+    Extended,
 }
 
 /// `IP:PORT` as a URI authority (the upstream client's pool key).

@@ -4,7 +4,8 @@
 //! The client keeps idle keep-alive connections per upstream (nginx's `keepalive 32`),
 //! closes them after an idle timeout shorter than uvicorn's 5 s keep-alive, strips
 //! hop-by-hop headers both ways, checks the upstream's response strictly, passes
-//! WebSocket upgrades through, and maps failures to 502/504.
+//! WebSocket upgrades through (HTTP/1.1 upgrades, and HTTP/2 extended CONNECT turned into
+//! them), and maps failures to 502/504.
 //!
 //! ```no_run
 //! use proxy_core::upstream::{ClientConfig, Forward, UpstreamClient};
@@ -14,6 +15,7 @@
 //! ```
 
 mod client;
+mod extended_connect;
 pub(crate) use client::percent_encode_non_ascii;
 mod forward;
 pub(crate) mod pool;

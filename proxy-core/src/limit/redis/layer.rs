@@ -8,15 +8,14 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::header::{HeaderValue, RETRY_AFTER};
 use http::StatusCode;
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::super::hold::{self, Hold};
 use super::super::rate;
-use super::super::req::{Decision, Delay, LimitReqStatus, RejectedBy, ReqLimit};
+use super::super::req::{Decision, Delay, LimitReqStatus, ReqLimit};
 use super::zone::{FailMode, RedisZone, Remote};
 use crate::body::{Request, Response};
 use crate::client_info::client_ip;
@@ -142,11 +141,7 @@ impl Config {
     }
 
     fn threshold(&self) -> u64 {
-        match self.limit.delay {
-            Delay::All => 0,
-            Delay::Never => u64::MAX,
-            Delay::After(n) => u64::from(n) * 1000,
-        }
+        self.limit.delay.threshold()
     }
 
     /// What to do with a request once Redis (or the fail mode) has decided.
@@ -195,17 +190,7 @@ impl Config {
                 Settled::Delay(delay)
             }
             Decision::Reject { retry_after } => {
-                let mut resp = crate::response::status(self.status);
-                let secs = retry_after.as_millis().div_ceil(1000).max(1);
-                resp.headers_mut().insert(
-                    RETRY_AFTER,
-                    HeaderValue::from(u64::try_from(secs).unwrap_or(u64::MAX)),
-                );
-                resp.extensions_mut().insert(LimitReqStatus::Rejected);
-                resp.extensions_mut().insert(RejectedBy {
-                    zone: zone.name().to_owned(),
-                });
-                Settled::Reject(resp)
+                Settled::Reject(hold::rejection(self.status, retry_after, zone.name()))
             }
         }
     }
@@ -235,13 +220,13 @@ where
         let cfg = &self.cfg;
         let zone = &cfg.limit.zone;
         let Some(key) = zone.redis_key(&req) else {
-            return ResponseFuture::call(self.inner.call(req));
+            return ResponseFuture::hold(Hold::call(self.inner.call(req)));
         };
         let local = zone.local_key(&req);
         let burst = cfg.burst_milli();
         if let Some(lk) = &local {
             if zone.try_fast(lk, &key, burst, cfg.threshold()) {
-                return ResponseFuture::call(self.inner.call(req));
+                return ResponseFuture::hold(Hold::call(self.inner.call(req)));
             }
         }
         // The slow path waits for Redis: the readied service goes with the request, a
@@ -249,8 +234,7 @@ where
         // `async fn` of the client, which cannot be named: one box per remote decision.
         let zone = zone.clone();
         let fut: RemoteFuture = Box::pin(async move { zone.remote(local, &key, burst).await });
-        let clone = self.inner.clone();
-        let svc = std::mem::replace(&mut self.inner, clone);
+        let svc = hold::take_ready(&mut self.inner);
         ResponseFuture {
             state: State::Remote {
                 fut,
@@ -269,24 +253,25 @@ pin_project! {
         S: Service<Request>,
     {
         #[pin]
-        state: State<S, S::Future>,
+        state: State<S>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, F> {
-        Call { #[pin] fut: F },
+    enum State<S>
+    where
+        S: Service<Request>,
+    {
         Remote { fut: RemoteFuture, cfg: Arc<Config>, svc: Option<S>, req: Option<Request> },
-        Delayed { #[pin] sleep: Sleep, svc: Option<S>, req: Option<Request> },
-        Limited { resp: Option<Response> },
+        Decided { #[pin] hold: Hold<S> },
     }
 }
 
 impl<S: Service<Request>> ResponseFuture<S> {
-    fn call(fut: S::Future) -> Self {
+    fn hold(hold: Hold<S>) -> Self {
         ResponseFuture {
-            state: State::Call { fut },
+            state: State::Decided { hold },
         }
     }
 }
@@ -300,47 +285,23 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let mut this = self.as_mut().project();
-            let next = match this.state.as_mut().project() {
-                StateProj::Call { fut } => return fut.poll(cx),
-                StateProj::Limited { resp } => {
-                    let resp = resp.take().unwrap_or_else(|| {
-                        crate::response::status(StatusCode::INTERNAL_SERVER_ERROR)
-                    });
-                    return Poll::Ready(Ok(resp));
-                }
+            let hold = match this.state.as_mut().project() {
+                StateProj::Decided { hold } => return hold.poll(cx),
                 StateProj::Remote { fut, cfg, svc, req } => {
                     let verdict = ready!(fut.as_mut().poll(cx));
-                    let (Some(mut r), Some(s)) = (req.take(), svc.take()) else {
+                    let (Some(mut r), Some(mut s)) = (req.take(), svc.take()) else {
                         let resp = crate::response::status(StatusCode::INTERNAL_SERVER_ERROR);
                         return Poll::Ready(Ok(resp));
                     };
-                    let mut s = s;
                     match cfg.settle(&mut r, verdict) {
                         // `s` is the service `poll_ready` readied before `call`.
-                        Settled::Pass => State::Call { fut: s.call(r) },
-                        Settled::Delay(d) => State::Delayed {
-                            sleep: tokio::time::sleep(d),
-                            svc: Some(s),
-                            req: Some(r),
-                        },
-                        Settled::Reject(resp) => State::Limited { resp: Some(resp) },
-                    }
-                }
-                StateProj::Delayed { sleep, svc, req } => {
-                    ready!(sleep.poll(cx));
-                    if let Some(s) = svc.as_mut() {
-                        ready!(s.poll_ready(cx))?;
-                    }
-                    match (svc.take(), req.take()) {
-                        (Some(mut s), Some(r)) => State::Call { fut: s.call(r) },
-                        _ => {
-                            let resp = crate::response::status(StatusCode::INTERNAL_SERVER_ERROR);
-                            return Poll::Ready(Ok(resp));
-                        }
+                        Settled::Pass => Hold::call(s.call(r)),
+                        Settled::Delay(d) => Hold::delayed(s, r, d),
+                        Settled::Reject(resp) => Hold::limited(resp),
                     }
                 }
             };
-            this.state.set(next);
+            this.state.set(State::Decided { hold });
         }
     }
 }
@@ -351,10 +312,8 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Call { .. } => "call",
             State::Remote { .. } => "remote",
-            State::Delayed { .. } => "delayed",
-            State::Limited { .. } => "limited",
+            State::Decided { hold } => hold.name(),
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
