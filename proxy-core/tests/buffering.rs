@@ -440,3 +440,110 @@ async fn x_accel_buffering_no_streams_and_is_not_passed_on() {
         "streamed responses are not read ahead"
     );
 }
+
+/// A chunked response body: `first`, then `rest` once the test opens the gate.
+struct Gated {
+    first: Option<Bytes>,
+    gate: Option<tokio::sync::oneshot::Receiver<()>>,
+    rest: Option<Bytes>,
+    done: Arc<AtomicBool>,
+}
+
+impl Body for Gated {
+    type Data = Bytes;
+    type Error = Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        if let Some(gate) = &mut self.gate {
+            let _ = std::task::ready!(std::future::Future::poll(Pin::new(gate), cx));
+            self.gate = None;
+        }
+        match self.rest.take() {
+            Some(rest) => {
+                self.done.store(true, Ordering::SeqCst);
+                Poll::Ready(Some(Ok(Frame::data(rest))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+#[tokio::test]
+async fn small_responses_and_partly_ready_ones_reuse_one_upstream_connection() {
+    let gates = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let (g, flag) = (gates.clone(), done.clone());
+    let (upstream, connections) = upstream_counting_connections(move |req| {
+        let (g, flag) = (g.clone(), flag.clone());
+        async move {
+            if req.uri().path() == "/small" {
+                return http::Response::new(ProxyBody::from("hello"));
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            g.lock().unwrap().push(tx);
+            http::Response::new(ProxyBody::boxed(Gated {
+                first: Some(Bytes::from_static(b"first ")),
+                gate: Some(rx),
+                rest: Some(Bytes::from_static(b"rest")),
+                done: flag,
+            }))
+        }
+    })
+    .await;
+    let proxy = serve(ResponseBufferLayer::new().layer(forward(upstream))).await;
+    let mut client = TcpStream::connect(proxy).await.unwrap();
+    // Complete with its head: answered from memory, the upstream connection reused.
+    for _ in 0..2 {
+        client
+            .write_all(b"GET /small HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (status, head, mut body) = read_head(&mut client).await;
+        assert_eq!(status, 200);
+        assert!(head.to_ascii_lowercase().contains("content-length: 5"));
+        while body.len() < 5 {
+            let mut buf = [0u8; 64];
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            body.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(&body[..], b"hello");
+    }
+    // Partly ready: the first chunk reaches the client, the rest follows from the task.
+    client
+        .write_all(b"GET /gated HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, head, mut body) = read_head(&mut client).await;
+    assert_eq!(status, 200);
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked"));
+    let expected = b"6\r\nfirst \r\n4\r\nrest\r\n0\r\n\r\n";
+    wait_until("the gated request", Duration::from_secs(5), || {
+        !gates.lock().unwrap().is_empty()
+    })
+    .await;
+    for tx in gates.lock().unwrap().drain(..) {
+        let _ = tx.send(());
+    }
+    wait_until(
+        "the upstream to send the rest",
+        Duration::from_secs(5),
+        || done.load(Ordering::SeqCst),
+    )
+    .await;
+    while body.len() < expected.len() {
+        let mut buf = [0u8; 64];
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&body));
+        body.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(&body[..], &expected[..]);
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+}

@@ -741,3 +741,71 @@ async fn websocket_upgrade_is_tunnelled_after_the_101() {
     }
     assert_eq!(echoed, b"EARLYping");
 }
+
+/// The retry after a stale pooled connection sends the same head as the attempt that
+/// failed: every header line, repeated names in order, the same target.
+#[tokio::test]
+async fn a_stale_connection_retry_sends_the_same_head() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // (request on its connection, head) of every request the upstream read.
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(usize, String)>::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                for nth in 0.. {
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    seen.lock()
+                        .unwrap()
+                        .push((nth, String::from_utf8_lossy(&got).into_owned()));
+                    if nth == 1 {
+                        // The second request on a connection: closed without a byte.
+                        return;
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(Forward::new(
+        UpstreamClient::new(ClientConfig::default()),
+        addr,
+    ))
+    .await;
+    let mut c = connect(proxy.addr).await;
+    let resp = c.send_request(get("/first")).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    let mut req = get("/again?x=1");
+    for (k, v) in [("x-multi", "one"), ("x-other", "o"), ("x-multi", "two")] {
+        req.headers_mut()
+            .append(k, http::HeaderValue::from_static(v));
+    }
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    let heads = heads.lock().unwrap().clone();
+    let failed = heads
+        .iter()
+        .find(|(nth, h)| *nth == 1 && h.starts_with("GET /again"))
+        .expect("the attempt on the stale connection");
+    let retried = heads
+        .iter()
+        .find(|(nth, h)| *nth == 0 && h.starts_with("GET /again"))
+        .expect("the retry on a fresh connection");
+    assert_eq!(failed.1, retried.1);
+    let lower = retried.1.to_ascii_lowercase();
+    let one = lower.find("x-multi: one").unwrap();
+    let two = lower.find("x-multi: two").unwrap();
+    assert!(one < two, "{lower}");
+}

@@ -103,6 +103,13 @@ impl<S> Layer<S> for ResponseBufferLayer {
 /// client gets everything that arrived before its connection is cut. When the client goes
 /// away the read-ahead stops and the upstream connection is closed. The temporary file is
 /// unlinked when created, so it never outlives the response.
+///
+/// A body that is already complete when its header arrives (a small response read with
+/// its head in one go, the common case) is answered from memory without a task: the
+/// response future reads the frames that are ready at once, up to the memory limit, and
+/// when the body ends there the upstream body is dropped at once (its connection goes
+/// back to the pool) and the client gets the bytes, then the trailers or the error, as
+/// from the task. Otherwise the task carries on from what was already read.
 #[derive(Debug, Clone)]
 pub struct ResponseBuffer<S> {
     inner: S,
@@ -148,11 +155,79 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let resp = std::task::ready!(this.inner.poll(cx))?;
-        Poll::Ready(Ok(buffer(resp, this.config)))
+        Poll::Ready(Ok(buffer(resp, this.config, cx)))
     }
 }
 
-fn buffer(mut resp: Response, config: &Arc<Config>) -> Response {
+/// How an upstream body ended: `Ok(Some(trailers))`, `Ok(None)`, or its error.
+type End = Result<Option<HeaderMap>, Error>;
+
+/// What the response future read of the upstream body without waiting.
+#[derive(Default)]
+struct Early {
+    // The first chunk apart: a small body is one chunk, and then nothing is allocated.
+    first: Option<Bytes>,
+    more: VecDeque<Bytes>,
+    len: usize,
+    end: Option<End>,
+}
+
+impl Early {
+    fn push(&mut self, data: Bytes) {
+        self.len += data.len();
+        if self.first.is_none() {
+            self.first = Some(data);
+        } else {
+            self.more.push_back(data);
+        }
+    }
+
+    fn chunks(self) -> impl Iterator<Item = Bytes> {
+        self.first.into_iter().chain(self.more)
+    }
+}
+
+/// Read the frames of `body` that are ready now, until it ends, would make the reader
+/// wait, or `memory` bytes were read. A `Pending` poll leaves the caller's waker with the
+/// body; the filling task polls it next and so replaces it, at worst one spurious wake.
+fn read_ready(body: &mut ProxyBody, memory: usize, cx: &mut Context<'_>) -> Early {
+    let mut early = Early::default();
+    while early.len < memory {
+        match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Pending => break,
+            Poll::Ready(None) => {
+                early.end = Some(Ok(None));
+                break;
+            }
+            Poll::Ready(Some(Err(e))) => {
+                early.end = Some(Err(e));
+                break;
+            }
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    if !data.is_empty() {
+                        early.push(data);
+                    }
+                    // hyper may not be polled again after a Content-Length body's last
+                    // byte; its end is known from `is_end_stream`.
+                    if body.is_end_stream() {
+                        early.end = Some(Ok(None));
+                        break;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        early.end = Some(Ok(Some(trailers)));
+                        break;
+                    }
+                }
+            },
+        }
+    }
+    early
+}
+
+fn buffer(mut resp: Response, config: &Arc<Config>, cx: &mut Context<'_>) -> Response {
     let off = resp
         .headers_mut()
         .remove(X_ACCEL_BUFFERING)
@@ -164,13 +239,29 @@ fn buffer(mut resp: Response, config: &Arc<Config>) -> Response {
     {
         return resp;
     }
-    let (parts, body) = resp.into_parts();
+    let (parts, mut body) = resp.into_parts();
+    let remaining = body.size_hint().exact();
+    let early = read_ready(&mut body, config.memory, cx);
+    let body = match early.end {
+        // Complete and within the memory limit: answered from memory, no task. The
+        // upstream body is dropped here, so its connection is free before the client
+        // has read a byte, as nginx's buffering frees it.
+        Some(_) if early.len <= config.memory => {
+            drop(body);
+            return Response::from_parts(parts, from_memory(early, remaining));
+        }
+        // Complete but over the limit (one large chunk): the task spills the excess.
+        Some(_) => {
+            drop(body);
+            None
+        }
+        None => Some(body),
+    };
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
         writer: Notify::new(),
     });
-    let remaining = body.size_hint().exact();
-    tokio::spawn(fill(shared.clone(), body, config.clone()));
+    tokio::spawn(fill(shared.clone(), body, early, config.clone()));
     let body = BufferedBody {
         shared,
         file: None,
@@ -179,6 +270,74 @@ fn buffer(mut resp: Response, config: &Arc<Config>) -> Response {
         finished: false,
     };
     Response::from_parts(parts, ProxyBody::boxed(body))
+}
+
+/// The body for a response read to its end by the response future.
+fn from_memory(early: Early, remaining: Option<u64>) -> ProxyBody {
+    match early {
+        // The common case: one chunk of the declared length. `ProxyBody::full` has the
+        // same exact size hint, so the client's framing does not change; a body whose
+        // length was not declared keeps the stream's framing through `MemoryBody`.
+        Early {
+            first: Some(chunk),
+            more,
+            end: Some(Ok(None)),
+            ..
+        } if more.is_empty() && remaining == Some(chunk.len() as u64) => ProxyBody::full(chunk),
+        Early {
+            first: None,
+            end: Some(Ok(None)),
+            ..
+        } if remaining == Some(0) => ProxyBody::empty(),
+        mut early => {
+            let end = early.end.take();
+            ProxyBody::boxed(MemoryBody {
+                chunks: early.chunks().collect(),
+                end,
+                remaining,
+            })
+        }
+    }
+}
+
+/// A body read to its end before the response was answered: its chunks, then its end.
+struct MemoryBody {
+    chunks: VecDeque<Bytes>,
+    end: Option<End>,
+    remaining: Option<u64>,
+}
+
+impl Body for MemoryBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        if let Some(chunk) = self.chunks.pop_front() {
+            if let Some(r) = &mut self.remaining {
+                *r = r.saturating_sub(chunk.len() as u64);
+            }
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        Poll::Ready(match self.end.take() {
+            None | Some(Ok(None)) => None,
+            Some(Ok(Some(trailers))) => Some(Ok(Frame::trailers(trailers))),
+            Some(Err(e)) => Some(Err(e)),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty() && matches!(self.end, None | Some(Ok(None)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {
@@ -213,7 +372,7 @@ struct State {
     /// The read side of the file, until the client's body takes it.
     reader_file: Option<File>,
     /// How the upstream body ended (trailers or error), once it has.
-    end: Option<Result<Option<HeaderMap>, Error>>,
+    end: Option<End>,
     reader: Option<Waker>,
     gone: bool,
 }
@@ -245,9 +404,11 @@ impl Shared {
     }
 }
 
-/// The filling task: reads the upstream body to its end (or until the client goes away).
-async fn fill(shared: Arc<Shared>, mut body: ProxyBody, config: Arc<Config>) {
-    let end = read_ahead(&shared, &mut body, &config).await;
+/// The filling task: stores what the response future already read (`early`), then reads
+/// the upstream body to its end (or until the client goes away). `body` is `None` when
+/// `early` already holds the end.
+async fn fill(shared: Arc<Shared>, mut body: Option<ProxyBody>, early: Early, config: Arc<Config>) {
+    let end = read_ahead(&shared, &mut body, early, &config).await;
     // Release the upstream side (back to the pool, or closed if unfinished) before
     // telling the client the end.
     drop(body);
@@ -259,18 +420,33 @@ async fn fill(shared: Arc<Shared>, mut body: ProxyBody, config: Arc<Config>) {
 /// `None` when the client went away.
 async fn read_ahead(
     shared: &Shared,
-    body: &mut ProxyBody,
+    body: &mut Option<ProxyBody>,
+    mut early: Early,
     config: &Config,
-) -> Option<Result<Option<HeaderMap>, Error>> {
-    let mut writer: Option<File> = None;
-    let mut spilled: u64 = 0;
+) -> Option<End> {
+    let mut spill = Spill {
+        writer: None,
+        spilled: 0,
+    };
+    let end = early.end.take();
+    for data in early.chunks() {
+        if let Err(stop) = spill.put(shared, config, data).await {
+            return stop;
+        }
+    }
+    if end.is_some() {
+        return end;
+    }
+    let Some(body) = body else {
+        return Some(Ok(None));
+    };
     loop {
         let frame = tokio::select! {
             biased;
             () = shared.gone() => return None,
             frame = body.frame() => frame,
         };
-        let mut data = match frame {
+        let data = match frame {
             None => return Some(Ok(None)),
             Some(Err(e)) => return Some(Err(e)),
             Some(Ok(frame)) => match frame.into_data() {
@@ -281,11 +457,37 @@ async fn read_ahead(
                 },
             },
         };
+        if let Err(stop) = spill.put(shared, config, data).await {
+            return stop;
+        }
+        // As in `read_ready`: a body that says it has ended is not polled again.
+        if body.is_end_stream() {
+            return Some(Ok(None));
+        }
+    }
+}
+
+/// The filling task's temporary file, created on the first byte that does not fit in
+/// memory.
+struct Spill {
+    writer: Option<File>,
+    spilled: u64,
+}
+
+impl Spill {
+    /// Store `data` in memory or in the file, waiting for room when both are full.
+    /// `Err(None)`: the client went away; `Err(Some(e))`: the file failed.
+    async fn put(
+        &mut self,
+        shared: &Shared,
+        config: &Config,
+        mut data: Bytes,
+    ) -> Result<(), Option<End>> {
         while !data.is_empty() {
             let to_file = {
                 let mut st = shared.lock();
                 if st.gone {
-                    return None;
+                    return Err(None);
                 }
                 let file_drained = st.read == st.written;
                 let room = config.memory.saturating_sub(st.mem_len);
@@ -307,24 +509,24 @@ async fn read_ahead(
                     }
                     continue;
                 }
-                spilled < config.max_temp_file_size
+                self.spilled < config.max_temp_file_size
             };
             if !to_file {
                 // Full: wait for the client to take something (or leave).
                 shared.writer.notified().await;
                 continue;
             }
-            let file = match &mut writer {
+            let file = match &mut self.writer {
                 Some(file) => file,
                 None => match spill::create(config.temp_dir.clone()).await {
                     Ok((w, r)) => {
                         shared.lock().reader_file = Some(r);
-                        writer.insert(w)
+                        self.writer.insert(w)
                     }
-                    Err(e) => return Some(Err(Error::with_source(Kind::Internal, e))),
+                    Err(e) => return Err(Some(Err(Error::with_source(Kind::Internal, e)))),
                 },
             };
-            let room = config.max_temp_file_size - spilled;
+            let room = config.max_temp_file_size - self.spilled;
             let n = usize::try_from(room).unwrap_or(usize::MAX).min(data.len());
             let chunk = data.split_to(n);
             let written = async {
@@ -335,11 +537,12 @@ async fn read_ahead(
             };
             if let Err(e) = written.await {
                 tracing::warn!(error = %e, "response buffering: temporary file failed");
-                return Some(Err(Error::with_source(Kind::Internal, e)));
+                return Err(Some(Err(Error::with_source(Kind::Internal, e))));
             }
-            spilled += n as u64;
+            self.spilled += n as u64;
             shared.publish(|st| st.written += n as u64);
         }
+        Ok(())
     }
 }
 
@@ -562,6 +765,154 @@ mod tests {
         assert_eq!(first.into_data().unwrap(), "part");
         let err = body.frame().await.unwrap().unwrap_err();
         assert_eq!(err.kind(), Kind::UpstreamTimeout);
+    }
+
+    /// A body fed by the test with a declared length; `dropped` closes when it is dropped.
+    struct Sized {
+        rx: mpsc::Receiver<Result<Frame<Bytes>, Error>>,
+        left: Option<u64>,
+        _dropped: tokio::sync::oneshot::Sender<()>,
+    }
+
+    impl Body for Sized {
+        type Data = Bytes;
+        type Error = Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+            let frame = std::task::ready!(self.rx.poll_recv(cx));
+            if let (Some(Ok(f)), Some(left)) = (&frame, &mut self.left) {
+                if let Some(d) = f.data_ref() {
+                    *left -= d.len() as u64;
+                }
+            }
+            Poll::Ready(frame)
+        }
+        fn is_end_stream(&self) -> bool {
+            self.left == Some(0)
+        }
+        fn size_hint(&self) -> SizeHint {
+            self.left.map(SizeHint::with_exact).unwrap_or_default()
+        }
+    }
+
+    type Upstream = (
+        mpsc::Sender<Result<Frame<Bytes>, Error>>,
+        tokio::sync::oneshot::Receiver<()>,
+        Response,
+    );
+
+    fn sized_response(len: Option<u64>) -> Upstream {
+        let (tx, rx) = mpsc::channel(8);
+        let (dropped_tx, dropped) = tokio::sync::oneshot::channel();
+        let body = Sized {
+            rx,
+            left: len,
+            _dropped: dropped_tx,
+        };
+        (tx, dropped, Response::new(ProxyBody::boxed(body)))
+    }
+
+    fn data(b: &'static [u8]) -> Result<Frame<Bytes>, Error> {
+        Ok(Frame::data(Bytes::from_static(b)))
+    }
+
+    /// Whether the upstream body has been dropped, without waiting.
+    fn is_dropped(dropped: &mut tokio::sync::oneshot::Receiver<()>) -> bool {
+        matches!(
+            dropped.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        )
+    }
+
+    #[tokio::test]
+    async fn a_complete_small_body_is_answered_from_memory_without_a_task() {
+        let (tx, mut dropped, upstream) = sized_response(Some(5));
+        tx.send(data(b"hello")).await.unwrap();
+        let resp = serve(ResponseBufferLayer::new(), upstream).await;
+        // Dropped when the response was answered, not by a task running later.
+        assert!(is_dropped(&mut dropped));
+        let body = resp.into_body();
+        assert_eq!(format!("{body:?}"), "ProxyBody::Full { len: 5 }");
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_complete_body_of_unknown_length_keeps_its_framing() {
+        let (tx, mut dropped, upstream) = sized_response(None);
+        tx.send(data(b"ab")).await.unwrap();
+        tx.send(data(b"cd")).await.unwrap();
+        drop(tx);
+        let resp = serve(ResponseBufferLayer::new(), upstream).await;
+        assert!(is_dropped(&mut dropped));
+        let body = resp.into_body();
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"abcd");
+    }
+
+    #[tokio::test]
+    async fn trailers_and_errors_read_at_once_come_after_the_data() {
+        let (tx, mut dropped, upstream) = sized_response(None);
+        tx.send(data(b"abc")).await.unwrap();
+        let mut t = HeaderMap::new();
+        t.insert("x-done", HeaderValue::from_static("1"));
+        tx.send(Ok(Frame::trailers(t))).await.unwrap();
+        let resp = serve(ResponseBufferLayer::new(), upstream).await;
+        assert!(is_dropped(&mut dropped));
+        let collected = resp.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-done"], "1");
+        assert_eq!(&collected.to_bytes()[..], b"abc");
+
+        let (tx, mut dropped, upstream) = sized_response(None);
+        tx.send(data(b"part")).await.unwrap();
+        tx.send(Err(Error::new(Kind::UpstreamTimeout)))
+            .await
+            .unwrap();
+        let resp = serve(ResponseBufferLayer::new(), upstream).await;
+        assert!(is_dropped(&mut dropped));
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "part");
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), Kind::UpstreamTimeout);
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_partly_ready_then_slow_is_read_ahead_and_freed_early() {
+        let (tx, mut dropped, upstream) = sized_response(Some(6));
+        tx.send(data(b"abc")).await.unwrap();
+        let resp = serve(ResponseBufferLayer::new(), upstream).await;
+        // Not complete: the task carries on from what was read.
+        assert!(!is_dropped(&mut dropped));
+        assert_eq!(resp.body().size_hint().exact(), Some(6));
+        tx.send(data(b"def")).await.unwrap();
+        // The task reads the rest and drops the upstream before the client reads a byte.
+        tokio::time::timeout(std::time::Duration::from_secs(5), &mut dropped)
+            .await
+            .unwrap()
+            .unwrap_err();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_complete_body_over_the_memory_limit_goes_through_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut dropped, upstream) = sized_response(Some(10));
+        tx.send(data(b"0123456789")).await.unwrap();
+        let layer = ResponseBufferLayer::new()
+            .memory_limit(4)
+            .temp_dir(dir.path());
+        let resp = serve(layer, upstream).await;
+        // Read at once, so the upstream is already gone; the bytes past the limit are
+        // the task's to spill.
+        assert!(is_dropped(&mut dropped));
+        assert_eq!(format!("{:?}", resp.body()), "ProxyBody::Boxed");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"0123456789");
     }
 
     proptest! {

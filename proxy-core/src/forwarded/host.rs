@@ -45,6 +45,32 @@ pub fn parse_host(value: &str) -> Option<(&str, Option<u16>)> {
     Some((host, port))
 }
 
+/// Whether `value` is a host [`parse_host`] accepts, checked on the bytes of a header
+/// value in one pass (no UTF-8 check first: every byte a valid host can hold is ASCII).
+/// The request path's check of `Host`, which every proxied request pays.
+pub(crate) fn is_host(value: &[u8]) -> bool {
+    if value.first() == Some(&b'[') {
+        // IPv6 literals (rare) take the full parser.
+        return std::str::from_utf8(value).is_ok_and(|s| parse_host(s).is_some());
+    }
+    let mut name_len = 0;
+    let mut bytes = value.iter();
+    for &b in bytes.by_ref() {
+        if b == b':' {
+            // At most five digits, at most 65535.
+            let digits = bytes.as_slice();
+            return name_len > 0
+                && name_len <= MAX_NAME
+                && parse_decimal(digits, 5).is_some_and(|p| u16::try_from(p).is_ok());
+        }
+        if !is_name_byte(b) {
+            return false;
+        }
+        name_len += 1;
+    }
+    name_len > 0 && name_len <= MAX_NAME
+}
+
 fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')
 }
@@ -91,6 +117,13 @@ mod tests {
         }
         assert_eq!(parse_host(&"a".repeat(254)), None);
         assert!(parse_host(&"a".repeat(253)).is_some());
+        for bad in [
+            "x:8:8", ":80", "x:", "x:65536", "ex ample", "[::1]x", "\u{e9}x",
+        ] {
+            assert!(!is_host(bad.as_bytes()), "{bad:?}");
+        }
+        assert!(!is_host(&[b'a'; 254]));
+        assert!(is_host(&[b'a'; 253]));
     }
 
     proptest! {
@@ -110,6 +143,19 @@ mod tests {
         #[test]
         fn never_panics(s in "\\PC{0,100}") {
             let _ = parse_host(&s);
+        }
+
+        /// The one-pass check agrees with the parser on anything, host-like or not.
+        #[test]
+        fn is_host_agrees_with_parse_host(
+            b in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..40),
+                "[a-zA-Z0-9._:\\[\\]-]{0,20}(:[0-9]{0,7})?".prop_map(String::into_bytes),
+                "[a-z]{250,256}(:80)?".prop_map(String::into_bytes),
+            ]
+        ) {
+            let parsed = std::str::from_utf8(&b).ok().and_then(parse_host).is_some();
+            prop_assert_eq!(is_host(&b), parsed, "{:?}", String::from_utf8_lossy(&b));
         }
     }
 }

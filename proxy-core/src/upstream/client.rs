@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST, UPGRADE};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Method, Version};
 
@@ -140,7 +140,7 @@ impl UpstreamClient {
         let resp = match (first, retry) {
             (Err(e), Some(again)) if is_stale_connection(&e) => {
                 tracing::debug!(%addr, error = ?e, "retrying on a fresh upstream connection");
-                self.send_once(endpoint, again, timeouts.read_timeout)
+                self.send_once(endpoint, again.into_request(), timeouts.read_timeout)
                     .await
                     .map_err(map_error)?
             }
@@ -294,8 +294,39 @@ pub(crate) fn authority_of(addr: SocketAddr) -> Result<Authority, Error> {
     Authority::try_from(addr.to_string()).map_err(|e| Error::with_source(Kind::Internal, e))
 }
 
-/// A copy of a body-less idempotent request, for the one stale-connection retry.
-fn retry_template(req: &Request) -> Option<Request> {
+/// What the one stale-connection retry needs of a body-less idempotent request: its
+/// head, copied before hyper consumes the request.
+///
+/// Nearly every request is answered, so this copy is nearly always thrown away: the
+/// headers are kept as a plain list of (shared, reference-counted) names and values,
+/// one allocation, instead of a `HeaderMap` clone (its index and its entries, two), and
+/// the map is rebuilt only when the retry happens.
+struct RetryTemplate {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl RetryTemplate {
+    /// The request again, as it was prepared for the upstream.
+    fn into_request(self) -> Request {
+        let mut req = http::Request::new(ProxyBody::empty());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        let headers = req.headers_mut();
+        headers.reserve(self.headers.len());
+        for (name, value) in self.headers {
+            // `append`: a name listed twice keeps both of its lines, in order.
+            headers.append(name, value);
+        }
+        req
+    }
+}
+
+/// The retry template of `req` when it may be retried: idempotent and without a body.
+fn retry_template(req: &Request) -> Option<RetryTemplate> {
     let idempotent = matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -303,12 +334,14 @@ fn retry_template(req: &Request) -> Option<Request> {
     if !idempotent || !http_body::Body::is_end_stream(req.body()) {
         return None;
     }
-    let mut copy = http::Request::new(ProxyBody::empty());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
+    let mut headers = Vec::with_capacity(req.headers().len());
+    headers.extend(req.headers().iter().map(|(n, v)| (n.clone(), v.clone())));
+    Some(RetryTemplate {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        version: req.version(),
+        headers,
+    })
 }
 
 #[derive(Debug)]
