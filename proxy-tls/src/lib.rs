@@ -11,6 +11,8 @@
 //! - [`redirect::HttpsRedirectLayer`], [`challenge::AcmeChallengeLayer`],
 //!   [`hsts::HstsLayer`]: the plain-HTTP listener's redirect, the ACME HTTP-01 challenge
 //!   path (ours and certbot's webroot), HSTS;
+//! - [`ocsp::Stapler`]: OCSP responses fetched (or read from a file), checked, stapled
+//!   and refreshed;
 //! - [`acme::AcmeManager`]: certificates obtained and renewed from an ACME directory;
 //! - [`selfsigned`]: a localhost certificate for local development.
 //!
@@ -32,6 +34,7 @@ pub mod challenge;
 pub mod error;
 mod fsutil;
 pub mod hsts;
+pub mod ocsp;
 pub mod policy;
 pub mod redirect;
 pub mod reload;
