@@ -100,6 +100,9 @@ struct Live {
     /// into the metrics.
     watcher: Option<JoinHandle<()>>,
     tls_metrics: Option<JoinHandle<()>>,
+    /// Keeps the OCSP staples of its certificates fresh; replaced on every reload (so
+    /// `ocsp_file`s are re-read and responders asked again).
+    stapler: Option<JoinHandle<()>>,
 }
 
 /// How often the TLS acceptor's handshake counters are copied into the metrics.
@@ -198,6 +201,15 @@ impl Running {
                         w.abort();
                     }
                     live.watcher = watch_files(old, &new.files);
+                    if let Some(s) = live.stapler.take() {
+                        s.abort();
+                    }
+                    // The new plan's stapler is built on the new plan's store; the live
+                    // store is the one handshakes read, so staple into that one.
+                    live.stapler = new
+                        .stapler
+                        .clone()
+                        .map(|s| s.with_store(old.clone()).spawn());
                 }
                 live.handle.swap(lp.service);
                 continue;
@@ -219,7 +231,10 @@ impl Running {
             if let Some(live) = self.listeners.remove(&addr) {
                 tracing::info!(%addr, "listener removed by reload: draining");
                 let _ = live.stop.send(true);
-                for task in [live.watcher, live.tls_metrics].into_iter().flatten() {
+                for task in [live.watcher, live.tls_metrics, live.stapler]
+                    .into_iter()
+                    .flatten()
+                {
                     task.abort();
                 }
             }
@@ -268,6 +283,11 @@ impl Running {
             .tls
             .as_ref()
             .and_then(|t| watch_files(&t.store, &t.files));
+        let stapler = lp
+            .tls
+            .as_ref()
+            .and_then(|t| t.stapler.clone())
+            .map(|s| s.spawn());
         let tls = lp.tls.map(|t| t.acceptor);
         let tls_metrics = match (&tls, &self.shared.metrics) {
             (Some(a), Some(m)) => Some(export_handshakes(a.stats().clone(), m.clone())),
@@ -318,6 +338,7 @@ impl Running {
             certs,
             watcher,
             tls_metrics,
+            stapler,
         }
     }
 
@@ -358,6 +379,7 @@ impl Running {
                 certs: None,
                 watcher: None,
                 tls_metrics: None,
+                stapler: None,
             },
         ))
     }

@@ -524,6 +524,13 @@ impl Stapler {
         self
     }
 
+    /// The same sources, stapling into `store` instead (a reloaded config's stapler for
+    /// the store a running listener already serves from).
+    pub fn with_store(mut self, store: CertStore) -> Self {
+        self.store = store;
+        self
+    }
+
     /// Whether any certificate is to be stapled.
     pub fn is_empty(&self) -> bool {
         self.sources.is_empty()
