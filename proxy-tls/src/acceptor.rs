@@ -8,6 +8,11 @@
 //! server-side session cache, both with an optional timeout; a handshake timeout. A failed handshake closes that connection only; it is counted in
 //! [`TlsStats`] and logged at debug level.
 //!
+//! The configuration can be replaced while the acceptor serves ([`TlsAcceptor::reconfigure`],
+//! what a config reload does): each handshake reads the configuration current when it
+//! starts, so new connections get the new protocols, suites, ALPN, session settings and
+//! handshake timeout while established connections keep the ones they were made with.
+//!
 //! The handshake runs inside [`Accept::accept`]: a server must call it in the
 //! connection's own task, not in the accept loop, or one slow client would stall every
 //! other accept for up to the handshake timeout.
@@ -38,6 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use proxy_core::client_info::{ClientInfo, Scheme};
 use proxy_core::server::Accept;
 use rustls::server::ServerSessionMemoryCache;
@@ -63,13 +69,28 @@ pub const DEFAULT_SESSION_CACHE: usize = 20_000;
 pub const SESSIONS_PER_MIB: usize = 4000;
 
 /// Terminates TLS on accepted connections. Cheap to clone: clones share the rustls
-/// configuration, the certificates and the counters. See the [module docs](self).
+/// configuration (a replacement by [`TlsAcceptor::reconfigure`] applies to every clone),
+/// the certificates and the counters. See the [module docs](self).
 #[derive(Clone)]
 pub struct TlsAcceptor {
-    inner: tokio_rustls::TlsAcceptor,
+    current: Arc<ArcSwap<Settings>>,
+    stats: Arc<TlsStats>,
+}
+
+/// What one handshake runs with; replaced as a whole.
+struct Settings {
     config: Arc<ServerConfig>,
     handshake_timeout: Duration,
-    stats: Arc<TlsStats>,
+    sessions: Sessions,
+}
+
+/// The settings the session cache and the ticketer were made from: a reconfiguration that
+/// keeps them keeps the cache and the ticket keys, so sessions resume across it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sessions {
+    cache: usize,
+    tickets: bool,
+    timeout: Option<Duration>,
 }
 
 /// Handshake counters, shared by every clone of a [`TlsAcceptor`] (for metrics).
@@ -127,9 +148,40 @@ impl TlsAcceptor {
         }
     }
 
-    /// The rustls configuration in use.
-    pub fn server_config(&self) -> &Arc<ServerConfig> {
-        &self.config
+    /// The rustls configuration new handshakes use (a snapshot: a later
+    /// [`reconfigure`](Self::reconfigure) does not change the returned value).
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.current.load().config.clone()
+    }
+
+    /// The handshake timeout new handshakes use.
+    pub fn handshake_timeout(&self) -> Duration {
+        self.current.load().handshake_timeout
+    }
+
+    /// Make new handshakes use the configuration of `new` (protocols, cipher suites,
+    /// server preference, ALPN, session settings, handshake timeout); handshakes already
+    /// started and established connections keep the configuration they began with.
+    ///
+    /// What stays this acceptor's own: its certificate resolver (the [`CertStore`] it was
+    /// built on, which the caller keeps up to date with the new certificates, its file
+    /// watcher and OCSP stapler), its counters, and, when `new`'s session cache size,
+    /// tickets and session timeout equal the current ones, its session cache and ticket
+    /// keys, so sessions made before the change still resume.
+    pub fn reconfigure(&self, new: &TlsAcceptor) {
+        let old = self.current.load_full();
+        let next = new.current.load_full();
+        let mut config = ServerConfig::clone(&next.config);
+        config.cert_resolver = old.config.cert_resolver.clone();
+        if next.sessions == old.sessions {
+            config.session_storage = old.config.session_storage.clone();
+            config.ticketer = old.config.ticketer.clone();
+        }
+        self.current.store(Arc::new(Settings {
+            config: Arc::new(config),
+            handshake_timeout: next.handshake_timeout,
+            sessions: next.sessions,
+        }));
     }
 
     /// The handshake counters.
@@ -143,7 +195,9 @@ impl TlsAcceptor {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        match tokio::time::timeout(self.handshake_timeout, self.inner.accept(io)).await {
+        let settings = self.current.load_full();
+        let acceptor = tokio_rustls::TlsAcceptor::from(settings.config.clone());
+        match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(io)).await {
             Ok(Ok(tls)) => {
                 self.stats.ok.fetch_add(1, Ordering::Relaxed);
                 Ok(tls)
@@ -185,9 +239,10 @@ impl Accept for TlsAcceptor {
 
 impl std::fmt::Debug for TlsAcceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let settings = self.current.load();
         f.debug_struct("TlsAcceptor")
-            .field("alpn", &self.config.alpn_protocols)
-            .field("handshake_timeout", &self.handshake_timeout)
+            .field("alpn", &settings.config.alpn_protocols)
+            .field("handshake_timeout", &settings.handshake_timeout)
             .field("stats", &self.stats)
             .finish()
     }
@@ -299,11 +354,17 @@ impl TlsAcceptorBuilder {
                 Some(t) => crate::tickets::ticketer(t)?,
             };
         }
-        let config = Arc::new(config);
-        Ok(TlsAcceptor {
-            inner: tokio_rustls::TlsAcceptor::from(config.clone()),
-            config,
+        let settings = Settings {
+            config: Arc::new(config),
             handshake_timeout: self.handshake_timeout,
+            sessions: Sessions {
+                cache: self.session_cache,
+                tickets: self.session_tickets,
+                timeout: self.session_timeout,
+            },
+        };
+        Ok(TlsAcceptor {
+            current: Arc::new(ArcSwap::from_pointee(settings)),
             stats: Arc::default(),
         })
     }
@@ -345,6 +406,70 @@ mod tests {
             .protocols(&[])
             .build()
             .is_err());
+    }
+
+    #[test]
+    fn reconfigure_takes_the_new_settings_and_keeps_certificates_and_sessions() {
+        let a = TlsAcceptor::builder(CertStore::new())
+            .session_timeout(Some(Duration::from_secs(600)))
+            .build()
+            .unwrap();
+        let clone = a.clone();
+        let before = a.server_config();
+        let new = TlsAcceptor::builder(CertStore::new())
+            .protocols(&[Protocol::Tls13])
+            .http2(false)
+            .prefer_server_ciphers(true)
+            .handshake_timeout(Duration::from_secs(3))
+            .session_timeout(Some(Duration::from_secs(600)))
+            .build()
+            .unwrap();
+        a.reconfigure(&new);
+        // Every clone sees it (the server holds a clone).
+        let after = clone.server_config();
+        assert_eq!(after.alpn_protocols, [b"http/1.1".to_vec()]);
+        assert!(after.ignore_client_order);
+        assert_eq!(clone.handshake_timeout(), Duration::from_secs(3));
+        assert!(Arc::ptr_eq(&after.cert_resolver, &before.cert_resolver));
+        assert!(!Arc::ptr_eq(
+            &after.cert_resolver,
+            &new.server_config().cert_resolver
+        ));
+        // Same session settings: the same cache and ticket keys.
+        assert!(Arc::ptr_eq(&after.ticketer, &before.ticketer));
+        assert!(Arc::ptr_eq(&after.session_storage, &before.session_storage));
+        // The snapshot taken before is unchanged.
+        assert!(!before.ignore_client_order);
+
+        // Changed session settings: the new ones.
+        let shorter = TlsAcceptor::builder(CertStore::new())
+            .session_timeout(Some(Duration::from_secs(60)))
+            .build()
+            .unwrap();
+        a.reconfigure(&shorter);
+        let after = a.server_config();
+        assert_eq!(after.ticketer.lifetime(), 60);
+        assert!(Arc::ptr_eq(
+            &after.ticketer,
+            &shorter.server_config().ticketer
+        ));
+        assert!(Arc::ptr_eq(&after.cert_resolver, &before.cert_resolver));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconfigured_timeout_applies_to_the_next_handshake() {
+        let a = TlsAcceptor::builder(CertStore::new()).build().unwrap();
+        a.reconfigure(
+            &TlsAcceptor::builder(CertStore::new())
+                .handshake_timeout(Duration::from_secs(2))
+                .build()
+                .unwrap(),
+        );
+        let (_client, server) = tokio::io::duplex(1024);
+        let started = tokio::time::Instant::now();
+        let e = a.handshake(server).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]

@@ -264,3 +264,96 @@ async fn sessions_resume_with_a_session_timeout() {
         );
     }
 }
+
+#[tokio::test]
+async fn reconfigure_applies_to_new_handshakes_and_spares_open_connections() {
+    let ca = TestCa::new();
+    let certs = store(&ca);
+    let acceptor = TlsAcceptor::builder(certs.clone()).build().unwrap();
+    // The server holds a clone, as a listener does.
+    let addr = serve(acceptor.clone(), app()).await;
+
+    // Before: TLS 1.2 is served; this connection stays open across the change.
+    let tls12 = connect(addr, ca.client_config_tls12(), Some("a.test"), "a.test")
+        .await
+        .unwrap();
+    assert_eq!(negotiated(&tls12).0, ProtocolVersion::TLSv1_2);
+    let (mut open, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls12))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(get_h1(&mut open, "a.test", "/").await.0, 200);
+
+    // A TLS 1.3 client that keeps its tickets.
+    let mut resuming = ca.client_config(&[b"h2", b"http/1.1"]);
+    resuming.resumption = rustls::client::Resumption::in_memory_sessions(8);
+    let first = connect(addr, resuming.clone(), Some("a.test"), "a.test")
+        .await
+        .unwrap();
+    assert_eq!(first.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // TLS 1.3 tickets arrive after the handshake: a request makes the client read them.
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(first),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("https://a.test/")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+
+    // The reload's new settings, built on a store of their own (empty here): TLS 1.3
+    // only, no HTTP/2, same session settings.
+    let new = TlsAcceptor::builder(CertStore::new())
+        .protocols(&[Protocol::Tls13])
+        .http2(false)
+        .build()
+        .unwrap();
+    acceptor.reconfigure(&new);
+
+    // New handshakes: TLS 1.2 refused, TLS 1.3 served with the acceptor's own
+    // certificates, ALPN without h2.
+    assert!(
+        connect(addr, ca.client_config_tls12(), Some("a.test"), "a.test")
+            .await
+            .is_err()
+    );
+    let tls13 = connect(
+        addr,
+        ca.client_config(&[b"h2", b"http/1.1"]),
+        Some("a.test"),
+        "a.test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(negotiated(&tls13).0, ProtocolVersion::TLSv1_3);
+    assert_eq!(tls13.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(peer_names(&tls13), ["a.test"]);
+    // Session settings unchanged: a ticket from before the change still resumes.
+    let resumed = connect(addr, resuming, Some("a.test"), "a.test")
+        .await
+        .unwrap();
+    assert_eq!(
+        resumed.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    // The certificate store is still the live one: a certificate added now is served.
+    certs.insert("b", ca.loaded(&["b.test"]));
+    let b = connect(
+        addr,
+        ca.client_config(&[b"http/1.1"]),
+        Some("b.test"),
+        "b.test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(peer_names(&b), ["b.test"]);
+
+    // The TLS 1.2 connection opened before the change still works.
+    assert_eq!(
+        get_h1(&mut open, "a.test", "/").await,
+        (http::StatusCode::OK, "sni=a.test scheme=https".to_owned())
+    );
+}
