@@ -4,7 +4,9 @@
 //! it is valid, each listener's routes are swapped atomically (requests in flight finish
 //! on the old ones), new listen addresses start and vanished ones drain; when it is
 //! invalid, the errors are logged with file, line and key and the old config keeps
-//! serving. SIGUSR1 reopens the access logs (logrotate). SIGTERM/SIGINT drain and exit 0.
+//! serving. A TLS listener that stays gets the new TLS settings (protocols, ciphers,
+//! sessions, ALPN, handshake timeout) for its new handshakes, and the new certificates;
+//! its open connections keep theirs. SIGUSR1 reopens the access logs (logrotate). SIGTERM/SIGINT drain and exit 0.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,6 +24,7 @@ use proxy_core::server::{Accept, HttpConfig, Plain, Server};
 use proxy_core::timeout::SendTimeoutAccept;
 use proxy_tls::reload::Reloader;
 use proxy_tls::sni::CertStore;
+use proxy_tls::TlsAcceptor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -94,12 +97,17 @@ struct Live {
     handle: ReloadHandle<LocationService>,
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
+    /// Its TLS acceptor (a clone of the serving one), reconfigured in place on reload.
+    tls: Option<TlsAcceptor>,
     /// The certificates its TLS acceptor serves, updated in place on reload.
     certs: Option<CertStore>,
     /// Re-reads certificate files when they change on disk; copies TLS handshake counts
     /// into the metrics.
     watcher: Option<JoinHandle<()>>,
     tls_metrics: Option<JoinHandle<()>>,
+    /// Keeps the OCSP staples of its certificates fresh; replaced on every reload (so
+    /// `ocsp_file`s are re-read and responders asked again).
+    stapler: Option<JoinHandle<()>>,
 }
 
 /// How often the TLS acceptor's handshake counters are copied into the metrics.
@@ -194,10 +202,24 @@ impl Running {
             if let Some(live) = self.listeners.get_mut(&addr) {
                 if let (Some(old), Some(new)) = (&live.certs, &lp.tls) {
                     sync_certs(old, &new.store);
+                    // New handshakes take the new protocols, ciphers, sessions, ALPN and
+                    // timeout, with the live store as their certificates.
+                    if let Some(acceptor) = &live.tls {
+                        acceptor.reconfigure(&new.acceptor);
+                    }
                     if let Some(w) = live.watcher.take() {
                         w.abort();
                     }
                     live.watcher = watch_files(old, &new.files);
+                    if let Some(s) = live.stapler.take() {
+                        s.abort();
+                    }
+                    // The new plan's stapler is built on the new plan's store; the live
+                    // store is the one handshakes read, so staple into that one.
+                    live.stapler = new
+                        .stapler
+                        .clone()
+                        .map(|s| s.with_store(old.clone()).spawn());
                 }
                 live.handle.swap(lp.service);
                 continue;
@@ -219,7 +241,10 @@ impl Running {
             if let Some(live) = self.listeners.remove(&addr) {
                 tracing::info!(%addr, "listener removed by reload: draining");
                 let _ = live.stop.send(true);
-                for task in [live.watcher, live.tls_metrics].into_iter().flatten() {
+                for task in [live.watcher, live.tls_metrics, live.stapler]
+                    .into_iter()
+                    .flatten()
+                {
                     task.abort();
                 }
             }
@@ -268,7 +293,13 @@ impl Running {
             .tls
             .as_ref()
             .and_then(|t| watch_files(&t.store, &t.files));
+        let stapler = lp
+            .tls
+            .as_ref()
+            .and_then(|t| t.stapler.clone())
+            .map(|s| s.spawn());
         let tls = lp.tls.map(|t| t.acceptor);
+        let live_tls = tls.clone();
         let tls_metrics = match (&tls, &self.shared.metrics) {
             (Some(a), Some(m)) => Some(export_handshakes(a.stats().clone(), m.clone())),
             _ => None,
@@ -315,9 +346,11 @@ impl Running {
             handle,
             stop,
             task,
+            tls: live_tls,
             certs,
             watcher,
             tls_metrics,
+            stapler,
         }
     }
 
@@ -355,9 +388,11 @@ impl Running {
                 handle,
                 stop,
                 task,
+                tls: None,
                 certs: None,
                 watcher: None,
                 tls_metrics: None,
+                stapler: None,
             },
         ))
     }

@@ -422,6 +422,134 @@ fn reload_swaps_the_tls_certificate_of_a_running_listener() {
     }
 }
 
+/// A blocking TLS client trusting `cert_pem`, speaking only `versions`.
+fn tls_client(
+    cert_pem: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    std::sync::Arc::new(cfg)
+}
+
+type TlsConn = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A completed handshake with `addr` as `api.example.test`, or the handshake's error.
+fn tls_connect(
+    addr: SocketAddr,
+    cfg: &std::sync::Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsConn> {
+    let name = rustls_pki_types::ServerName::try_from("api.example.test").unwrap();
+    let mut conn = rustls::ClientConnection::new(cfg.clone(), name).unwrap();
+    let mut tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(DEADLINE))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+/// One keep-alive GET on `tls`: the status line and the body (Content-Length framed).
+fn tls_get(tls: &mut TlsConn) -> (String, String) {
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: api.example.test\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tls.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed mid-response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no content-length in {head}"));
+    while buf.len() < head_end + len {
+        let n = tls.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let status = head.lines().next().unwrap_or("").to_owned();
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).into_owned();
+    (status, body)
+}
+
+#[test]
+fn reload_applies_new_tls_protocols_to_new_connections_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = proxy_tls::selfsigned::generate(&["api.example.test"]).unwrap();
+    std::fs::write(dir.path().join("site.pem"), &dev.cert_pem).unwrap();
+    std::fs::write(dir.path().join("site.key"), &dev.key_pem).unwrap();
+    let up = named_upstream("tls-up");
+    let listen = free_port();
+    let config = |protocols: &str| {
+        format!(
+            "[[server]]\nlisten = [\"{listen}\"]\nserver_name = [\"api.example.test\"]\ntls = {{ certificate = \"site.pem\", key = \"site.key\", protocols = {protocols} }}\n\n[[server.location]]\npath = \"/\"\nproxy_pass = \"http://{up}\"\n"
+        )
+    };
+    let p = Managed::start(dir, &config(r#"["TLSv1.2", "TLSv1.3"]"#), listen);
+    let tls12 = tls_client(&dev.cert_pem, &[&rustls::version::TLS12]);
+    let tls13 = tls_client(&dev.cert_pem, &[&rustls::version::TLS13]);
+
+    // Opened before the reload, over TLS 1.2, and kept open across it.
+    let mut before = tls_connect(listen, &tls12).unwrap();
+    assert_eq!(
+        before.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    let (status, body) = tls_get(&mut before);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "tls-up");
+
+    p.reload(&config(r#"["TLSv1.3"]"#));
+    // The reload is asynchronous: new TLS 1.2 handshakes fail once it has applied.
+    let start = Instant::now();
+    while tls_connect(listen, &tls12).is_ok() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "TLS 1.2 still accepted after the reload"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And it stays refused, while TLS 1.3 is served.
+    assert!(tls_connect(listen, &tls12).is_err());
+    let mut after = tls_connect(listen, &tls13).unwrap();
+    assert_eq!(
+        after.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let (status, body) = tls_get(&mut after);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "tls-up");
+
+    // The connection from before the reload still works, still on TLS 1.2.
+    let (status, body) = tls_get(&mut before);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "tls-up");
+    assert_eq!(
+        before.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+}
+
 #[test]
 fn metrics_count_retries_rejections_and_reloads() {
     let up = named_upstream("alive");

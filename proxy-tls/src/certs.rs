@@ -78,6 +78,21 @@ impl LoadedCert {
         &self.key
     }
 
+    /// The same certificate with `response` as its stapled OCSP response (`None`: none).
+    pub fn with_ocsp(&self, response: Option<Vec<u8>>) -> LoadedCert {
+        let mut key = (*self.key).clone();
+        key.ocsp = response;
+        LoadedCert {
+            key: Arc::new(key),
+            ..self.clone()
+        }
+    }
+
+    /// The leaf certificate (DER).
+    pub fn leaf(&self) -> Option<&CertificateDer<'static>> {
+        self.key.cert.first()
+    }
+
     /// The DNS names the certificate is valid for, lowercase, wildcards as `*.example.com`.
     pub fn names(&self) -> &[String] {
         &self.names

@@ -34,6 +34,8 @@ pub enum Kind {
     Generate,
     /// Talking to the ACME server failed, or it refused the order.
     Acme,
+    /// An OCSP response could not be fetched, or failed its checks.
+    Ocsp,
 }
 
 /// A certificate loading, generation or ACME failure. See the [module docs](self).
@@ -103,6 +105,7 @@ impl fmt::Display for Error {
             Kind::Config => "invalid TLS configuration",
             Kind::Generate => "certificate generation failed",
             Kind::Acme => "ACME failed",
+            Kind::Ocsp => "OCSP",
         };
         f.write_str(what)?;
         if let Some(p) = &self.path {

@@ -5,11 +5,14 @@
 //! - [`acceptor::TlsAcceptor`]: the handshake as a [`proxy_core::server::Accept`], with SNI
 //!   certificate selection, ALPN `h2`/`http/1.1`, session resumption and a timeout;
 //! - [`certs`]: PEM chains and RSA/ECDSA/Ed25519 keys (PKCS#1, PKCS#8, SEC1);
+//! - [`policy`]: protocol versions and cipher suites by their nginx/OpenSSL names;
 //! - [`sni::CertStore`]: exact and wildcard names from the certificates' SANs, a default;
 //! - [`reload::Reloader`]: re-read on demand (SIGHUP) and on file change, atomic swap;
 //! - [`redirect::HttpsRedirectLayer`], [`challenge::AcmeChallengeLayer`],
 //!   [`hsts::HstsLayer`]: the plain-HTTP listener's redirect, the ACME HTTP-01 challenge
 //!   path (ours and certbot's webroot), HSTS;
+//! - [`ocsp::Stapler`]: OCSP responses fetched (or read from a file), checked, stapled
+//!   and refreshed;
 //! - [`acme::AcmeManager`]: certificates obtained and renewed from an ACME directory;
 //! - [`selfsigned`]: a localhost certificate for local development.
 //!
@@ -31,10 +34,13 @@ pub mod challenge;
 pub mod error;
 mod fsutil;
 pub mod hsts;
+pub mod ocsp;
+pub mod policy;
 pub mod redirect;
 pub mod reload;
 pub mod selfsigned;
 pub mod sni;
+mod tickets;
 
 pub use acceptor::{TlsAcceptor, TlsStats};
 pub use certs::LoadedCert;

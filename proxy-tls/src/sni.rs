@@ -42,12 +42,24 @@ pub struct CertStore {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     /// What handshakes read: lock-free.
     table: ArcSwap<Table>,
     /// The source of truth, in insertion order; only writers (reload, ACME) lock it.
     entries: Mutex<Entries>,
+    /// Bumped whenever a certificate is inserted or removed (not when a staple is set):
+    /// the OCSP stapler waits on it to fetch for new certificates at once.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            table: ArcSwap::default(),
+            entries: Mutex::default(),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -84,12 +96,47 @@ impl CertStore {
     /// Add a certificate under `id`, or replace the one that had this id (keeping its
     /// place in the order). When two certificates claim the same name, the one inserted
     /// first serves it, as nginx's first server block does.
+    ///
+    /// A replacement with the same leaf certificate and no OCSP response keeps the
+    /// response stapled to the one it replaces: a config reload re-reads unchanged
+    /// certificates, and they should not lose their staple until the next fetch.
     pub fn insert(&self, id: impl Into<Arc<str>>, cert: LoadedCert) {
         let id = id.into();
         self.update(|e| match e.list.iter_mut().find(|(i, _)| *i == id) {
-            Some(slot) => slot.1 = cert,
+            Some(slot) => {
+                let old = &slot.1;
+                let same_leaf = old.leaf().is_some() && old.leaf() == cert.leaf();
+                slot.1 = match &old.certified_key().ocsp {
+                    Some(ocsp) if same_leaf && cert.certified_key().ocsp.is_none() => {
+                        cert.with_ocsp(Some(ocsp.clone()))
+                    }
+                    _ => cert,
+                };
+            }
             None => e.list.push((id, cert)),
         });
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Staple `response` (a DER OCSP response; `None` removes it) to the certificate
+    /// inserted under `id`, if its leaf is still `leaf` (the certificate the response was
+    /// fetched for: a concurrent reload may have replaced it). Whether it was set.
+    pub fn set_ocsp(&self, id: &str, leaf: &[u8], response: Option<Vec<u8>>) -> bool {
+        let mut set = false;
+        self.update(|e| {
+            if let Some((_, c)) = e.list.iter_mut().find(|(i, _)| &**i == id) {
+                if c.leaf().is_some_and(|l| l.as_ref() == leaf) {
+                    *c = c.with_ocsp(response);
+                    set = true;
+                }
+            }
+        });
+        set
+    }
+
+    /// A receiver that sees a new value whenever a certificate is inserted or removed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
     }
 
     /// Remove the certificate inserted under `id`; whether there was one.
@@ -100,6 +147,7 @@ impl CertStore {
             e.list.retain(|(i, _)| &**i != id);
             found = e.list.len() != before;
         });
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
         found
     }
 
@@ -282,6 +330,34 @@ mod tests {
         store.insert("two", cert(&["same.test", "two.test"]));
         assert!(is(&store, Some("same.test"), "one"));
         assert!(is(&store, Some("two.test"), "two"));
+    }
+
+    #[test]
+    fn staples_follow_their_certificate() {
+        let store = CertStore::new();
+        let c = cert(&["a.test"]);
+        let leaf = c.leaf().unwrap().to_vec();
+        store.insert("a", c.clone());
+        let mut changes = store.subscribe();
+        changes.borrow_and_update();
+        assert!(store.set_ocsp("a", &leaf, Some(vec![1, 2, 3])));
+        assert!(
+            !changes.has_changed().unwrap(),
+            "a staple is not a certificate change"
+        );
+        assert_eq!(
+            store.resolve_name(Some("a.test")).unwrap().ocsp.as_deref(),
+            Some(&[1, 2, 3][..])
+        );
+        // The same certificate again (a config reload): the staple stays.
+        store.insert("a", c);
+        assert!(changes.has_changed().unwrap());
+        assert!(store.resolve_name(None).unwrap().ocsp.is_some());
+        // A different certificate: no staple, and a staple for the old leaf is refused.
+        store.insert("a", cert(&["a.test"]));
+        assert!(store.resolve_name(None).unwrap().ocsp.is_none());
+        assert!(!store.set_ocsp("a", &leaf, Some(vec![9])));
+        assert!(!store.set_ocsp("nope", &leaf, Some(vec![9])));
     }
 
     proptest! {

@@ -381,7 +381,8 @@ pub struct Location {
 }
 }
 
-/// `tls = { certificate, key }`, `tls = { self_signed = true }` or `tls = { acme = true }`.
+/// `tls = { certificate, key }`, `tls = { self_signed = true }` or `tls = { acme = true }`,
+/// with the protocol, cipher, session and OCSP settings of nginx's `ssl_*` directives.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsCfg {
@@ -399,6 +400,38 @@ pub struct TlsCfg {
     pub http2: Option<bool>,
     /// TLS handshake timeout (default 10s).
     pub handshake_timeout: Option<Dur>,
+    /// nginx's `ssl_protocols`: `["TLSv1.2", "TLSv1.3"]` (the default; nothing older
+    /// exists in rustls).
+    pub protocols: Option<Spanned<Vec<String>>>,
+    /// nginx's `ssl_ciphers`: OpenSSL names, `"A:B"` or `["A", "B"]`; TLS 1.2 names
+    /// restrict only TLS 1.2 suites (default: rustls' safe suites).
+    pub ciphers: Option<Spanned<CipherList>>,
+    /// nginx's `ssl_prefer_server_ciphers` (default false).
+    pub prefer_server_ciphers: Option<Spanned<bool>>,
+    /// nginx's `ssl_session_timeout`, for tickets and the session cache (default:
+    /// tickets live 12h, cache entries until evicted).
+    pub session_timeout: Option<Spanned<Dur>>,
+    /// nginx's `ssl_session_cache`: a size (`"10m"`, ~4000 sessions per MiB;
+    /// `"shared:SSL:10m"` is accepted too) or `"off"` (default 20000 sessions).
+    pub session_cache: Option<Spanned<String>>,
+    /// nginx's `ssl_stapling`: staple the OCSP response fetched from the certificate's
+    /// responder (default false).
+    #[serde(default)]
+    pub ocsp_stapling: bool,
+    /// nginx's `ssl_stapling_verify`: check the response's signature before stapling.
+    pub ocsp_stapling_verify: Option<Spanned<bool>>,
+    /// nginx's `ssl_stapling_file`: staple this DER response instead of fetching one.
+    pub ocsp_file: Option<Spanned<String>>,
+}
+
+/// `ciphers = "A:B"` (nginx's form) or `ciphers = ["A", "B"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum CipherList {
+    /// Colon-separated, as in nginx.
+    Joined(String),
+    /// One name per element.
+    List(Vec<String>),
 }
 
 /// `hsts = { max_age = "365d", include_subdomains = true, preload = false }`.
