@@ -31,6 +31,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
 
+# The openssl command line, the OCSP responder of proxy-tls's stapling test
+# (proxy-tls/tests/ocsp.rs).
+if ! command -v openssl >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+fi
+
 # Let a closing SO_REUSEPORT listener hand its queued connections to the other processes
 # on the port (Linux >= 5.14), for the graceful-restart test of two instances. Best effort:
 # the test reports honestly when the kernel or the sandbox does not allow it.
