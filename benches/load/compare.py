@@ -27,12 +27,19 @@ What it does:
 
   --callgrind  instead counts user-space instructions per small keep-alive request with
                valgrind's callgrind for both (counts are stable; wall-clock is not).
+  --callgrind newconn
+               the same for a new connection per request: a client opens a connection,
+               sends one small request with `Connection: close`, reads to EOF, and again,
+               CALLGRIND_CONNS times (2000) after a 200-connection warm-up.
 
 Everything listens on 127.0.0.1 only, every client run is bounded in time, and every
 process it started is stopped when it ends. Environment: DURATION (seconds per run, 5),
 CONNS (wrk connections, 50), IDLE_CONNS (5000), IDLE_SETTLE (seconds between the last
 idle connection's response and the memory reading, 1.5), SLOW_CONNS (1000), PROXY_CPU (0),
 LOAD_CPU (1), WORKERS (1), SCENARIOS (comma list, default all), CALLGRIND_REQUESTS (20000),
+CALLGRIND_CONNS (2000, for --callgrind newconn), CALLGRIND_CLIENTS (1),
+CALLGRIND_MALLOC_CONF (our jemalloc's options under callgrind: no purging, so counts
+do not depend on wall time),
 OURS_PRELOAD / OURS_MALLOC_CONF (run our proxy with another allocator, e.g.
 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 and dirty_decay_ms:0).
 """
@@ -58,6 +65,13 @@ PROXY_CPU = os.environ.get("PROXY_CPU", "0")
 LOAD_CPU = os.environ.get("LOAD_CPU", "1")
 WORKERS = int(os.environ.get("WORKERS", "1"))
 CALLGRIND_REQUESTS = int(os.environ.get("CALLGRIND_REQUESTS", "20000"))
+CALLGRIND_CONNS = int(os.environ.get("CALLGRIND_CONNS", "2000"))
+CALLGRIND_CLIENTS = int(os.environ.get("CALLGRIND_CLIENTS", "1"))
+# Under callgrind our jemalloc does not purge: purging runs on wall-clock decay timers,
+# so how often it ran would depend on how slow valgrind was, and the counts would move
+# between runs by several percent (8 KiB slabs re-created or not).
+CALLGRIND_MALLOC_CONF = os.environ.get("CALLGRIND_MALLOC_CONF",
+                                       "dirty_decay_ms:-1,muzzy_decay_ms:-1")
 ALL = ["small", "64k", "newconn", "tls", "tlsnew", "idle", "slowloris"]
 SCENARIOS = [s for s in os.environ.get("SCENARIOS", ",".join(ALL)).split(",") if s]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -399,6 +413,55 @@ def callgrind_count(proc, port, outfile):
     done = int(m.group(1)) if m else 0
     subprocess.run(["callgrind_control", "-d", str(proc.worker())], capture_output=True,
                    timeout=60, check=True)
+    return callgrind_total(outfile), done
+
+
+def close_requests(port, n, clients=None):
+    """n requests, each on its own connection (`Connection: close`), from `clients`
+    threads (CALLGRIND_CLIENTS, default 1: one connection at a time, so that the count
+    does not depend on how connections interleave), one after the other on each; returns
+    how many got a whole 200 response. Bounded in time by the socket timeout."""
+    clients = clients or CALLGRIND_CLIENTS
+    req = (f"GET /small HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+           "Connection: close\r\n\r\n").encode()
+    ok = [0] * clients
+
+    def one(i):
+        for _ in range(n // clients):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                    s.sendall(req)
+                    got = b""
+                    while True:
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        got += chunk
+                if got.startswith(b"HTTP/1.1 200") and got.endswith(SMALL_BODY.encode()):
+                    ok[i] += 1
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(ok)
+
+
+def callgrind_newconn(proc, port, outfile):
+    """Instructions per request with a new connection each, after a warm-up."""
+    close_requests(port, 200)
+    subprocess.run(["callgrind_control", "-z", str(proc.worker())], capture_output=True,
+                   timeout=60, check=True)
+    done = close_requests(port, CALLGRIND_CONNS)
+    subprocess.run(["callgrind_control", "-d", str(proc.worker())], capture_output=True,
+                   timeout=60, check=True)
+    return callgrind_total(outfile), done
+
+
+def callgrind_total(outfile):
     total = 0
     for f in os.listdir(os.path.dirname(outfile)):
         if f.startswith(os.path.basename(outfile)):
@@ -406,7 +469,7 @@ def callgrind_count(proc, port, outfile):
                 for line in fh:
                     if line.startswith("totals:") or line.startswith("summary:"):
                         total = max(total, int(line.split()[1]))
-    return total, done
+    return total
 
 
 # --- main -------------------------------------------------------------------------------
@@ -424,9 +487,14 @@ def build():
 
 
 def main():
-    cg = "--callgrind" in sys.argv[1:]
+    args = sys.argv[1:]
+    cg = "--callgrind" in args
+    # `--callgrind newconn`: a new connection per request instead of keep-alive.
+    cg_mode = "newconn" if cg and "newconn" in args else "small"
     need(["nginx", "wrk", "openssl", "taskset"], "apt-get install -y nginx wrk openssl util-linux")
-    if cg:
+    if cg and cg_mode == "newconn":
+        need(["valgrind", "callgrind_control"], "apt-get install -y valgrind")
+    elif cg:
         need(["valgrind", "callgrind_control", "h2load"],
              "apt-get install -y valgrind nghttp2-client")
     ours_bin, tls_bin = build()
@@ -462,6 +530,9 @@ def main():
             ours_env = dict(os.environ, LD_PRELOAD=os.environ["OURS_PRELOAD"])
             if os.environ.get("OURS_MALLOC_CONF"):
                 ours_env["MALLOC_CONF"] = os.environ["OURS_MALLOC_CONF"]
+        if cg and CALLGRIND_MALLOC_CONF:
+            # tikv-jemallocator reads its options from _RJEM_MALLOC_CONF.
+            ours_env = dict(ours_env or os.environ, _RJEM_MALLOC_CONF=CALLGRIND_MALLOC_CONF)
         ours = Proc("ours", (vg + [f"--callgrind-out-file={ours_out}.%p"] if cg else []) +
                     [ours_bin, "run", "-c", conf("ours.toml", ours_conf(ours_p, up))], PROXY_CPU, log,
                     ours_env)
@@ -474,9 +545,11 @@ def main():
         wait_port(ours_p, 120 if cg else 20)
         wait_port(ngx_p, 120 if cg else 20)
         if cg:
-            a, an = callgrind_count(ours, ours_p, ours_out)
-            b, bn = callgrind_count(ngx, ngx_p, ngx_out)
-            print(f"\n| callgrind, small keep-alive | instructions/request | requests |")
+            count = callgrind_newconn if cg_mode == "newconn" else callgrind_count
+            a, an = count(ours, ours_p, ours_out)
+            b, bn = count(ngx, ngx_p, ngx_out)
+            what = "new connection per request" if cg_mode == "newconn" else "small keep-alive"
+            print(f"\n| callgrind, {what} | instructions/request | requests |")
             print("|---|---:|---:|")
             print(f"| ours | {a / max(an, 1):.0f} | {an} |")
             print(f"| nginx | {b / max(bn, 1):.0f} | {bn} |")
