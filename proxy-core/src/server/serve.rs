@@ -148,6 +148,7 @@ impl<A: Accept> Server<A> {
             auto: http_builder(&self.config),
             h1: http1_builder(&self.config),
             config: self.config.clone(),
+            set_nodelay: !nodelay_inherited(&self.listener),
         });
         // Graceful shutdown: every connection watches this; idle ones close at once,
         // busy ones after their current response.
@@ -244,6 +245,22 @@ pub(crate) struct Shared {
     /// HTTP/1 for parking connections; the same settings as `auto`'s HTTP/1 side.
     pub(crate) h1: hyper::server::conn::http1::Builder,
     pub(crate) config: HttpConfig,
+    /// Set TCP_NODELAY on each accepted socket: false when it comes from the listener.
+    pub(crate) set_nodelay: bool,
+}
+
+/// Whether sockets accepted from `listener` start with TCP_NODELAY on. Linux copies the
+/// option from the listening socket to the accepted one, and [`ListenConfig::bind`]
+/// sets it on the listener, so the server can spare a `setsockopt` per connection; a
+/// listener bound some other way (tokio's `TcpListener::bind`) has it off, and other
+/// systems do not promise the inheritance, so there each connection sets it.
+///
+/// [`ListenConfig::bind`]: crate::server::ListenConfig::bind
+fn nodelay_inherited(listener: &TcpListener) -> bool {
+    cfg!(any(target_os = "linux", target_os = "android"))
+        && socket2::SockRef::from(listener)
+            .tcp_nodelay()
+            .unwrap_or(false)
 }
 
 /// One accepted connection, everything it needs moved into its task.
@@ -268,8 +285,9 @@ where
 {
     async fn run(self, stream: TcpStream, mut info: ClientInfo) {
         let _active = ActiveGuard::new(&self.stats);
-        // Inherited from the listener on Linux; set again for other platforms.
-        let _ = stream.set_nodelay(true);
+        if self.shared.set_nodelay {
+            let _ = stream.set_nodelay(true);
+        }
         let io = match self.acceptor.accept(stream, &mut info).await {
             Ok(io) => io,
             Err(e) => {
@@ -454,6 +472,7 @@ mod tests {
                 auto: http_builder(&config),
                 h1: http1_builder(&config),
                 config,
+                set_nodelay: true,
             }),
             stop: watch::channel(false).1,
             stats: Arc::default(),
@@ -462,5 +481,26 @@ mod tests {
         let task = conn.run(stream, ClientInfo::new(peer, addr, Scheme::Http));
         let size = std::mem::size_of_val(&task);
         assert!(size <= 2048, "the connection future grew to {size} bytes");
+    }
+
+    /// The server skips `setsockopt(TCP_NODELAY)` per connection on Linux because an
+    /// accepted socket inherits it from a listener bound by `ListenConfig`; a listener
+    /// without it makes the server set it on each connection.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_a_bound_listener() {
+        let listener = crate::server::ListenConfig::new("127.0.0.1:0".parse().unwrap())
+            .bind()
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        if cfg!(any(target_os = "linux", target_os = "android")) {
+            assert!(nodelay_inherited(&listener));
+            assert!(stream.nodelay().unwrap(), "TCP_NODELAY not inherited");
+        } else {
+            assert!(!nodelay_inherited(&listener));
+        }
+        let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(!nodelay_inherited(&plain));
     }
 }
