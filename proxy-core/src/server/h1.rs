@@ -476,8 +476,10 @@ mod tests {
         client: &mut tokio::io::DuplexStream,
         eof: bool,
     ) -> (usize, Head) {
-        let mut config = HttpConfig::default();
-        config.header_read_timeout = Duration::from_secs(1);
+        let config = HttpConfig {
+            header_read_timeout: Duration::from_secs(1),
+            ..HttpConfig::default()
+        };
         let shared = Shared {
             auto: http_builder(&config),
             h1: http1_builder(&config),
