@@ -184,15 +184,118 @@ async fn a_request_split_across_the_park_is_read_whole() {
         .unwrap();
     assert_eq!(read_response(&mut s, &mut buf).await.1, "GET /one 0");
     wait_for(|| server.stats.parked() == 1).await;
-    // The first bytes wake the connection; the rest come while hyper reads the head.
+    // The first bytes wake the connection, which reads the head on its own until it is
+    // complete; the body comes while hyper serves the request.
     s.write_all(b"POST /tw").await.unwrap();
-    wait_for(|| server.stats.parked() == 0).await;
     s.write_all(b"o HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\n\r\nab")
         .await
         .unwrap();
+    wait_for(|| server.stats.parked() == 0).await;
     s.write_all(b"cd").await.unwrap();
     assert_eq!(read_response(&mut s, &mut buf).await.1, "POST /two 4");
     wait_for(|| server.stats.parked() == 1).await;
+}
+
+#[tokio::test]
+async fn a_head_sent_byte_by_byte_is_served_whole() {
+    let server = start(echo(), config()).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = Vec::new();
+    for round in 0..2 {
+        let req = format!("GET /slow{round} HTTP/1.1\r\nHost: a.test\r\nX-Pad: abc\r\n\r\n");
+        for b in req.as_bytes() {
+            s.write_all(&[*b]).await.unwrap();
+            s.flush().await.unwrap();
+        }
+        assert_eq!(
+            read_response(&mut s, &mut buf).await.1,
+            format!("GET /slow{round} 0")
+        );
+        wait_for(|| server.stats.parked() == 1).await;
+    }
+}
+
+#[tokio::test]
+async fn bare_line_feeds_end_a_head_as_hyper_reads_them() {
+    let server = start(echo(), config()).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(b"GET /lf HTTP/1.1\nHost: a.test\n\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s, &mut buf).await.1, "GET /lf 0");
+}
+
+#[tokio::test]
+async fn a_first_head_incomplete_at_the_header_timeout_is_closed() {
+    let mut c = config();
+    c.header_read_timeout = Duration::from_millis(300);
+    let server = start(echo(), c).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let sent = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a.te").await.unwrap();
+    // No answer: hyper's header timer did the same (an incomplete head gets none).
+    let rest = read_to_close(&mut s).await;
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(sent.elapsed() >= Duration::from_millis(250));
+    wait_for(|| server.stats.active() == 0).await;
+}
+
+#[tokio::test]
+async fn a_begun_keep_alive_request_has_the_header_timeout_not_the_keep_alive_one() {
+    let mut c = config();
+    c.header_read_timeout = Duration::from_millis(300);
+    c.keep_alive_timeout = Some(Duration::from_secs(60));
+    let server = start(echo(), c).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s, &mut buf).await.1, "GET /one 0");
+    wait_for(|| server.stats.parked() == 1).await;
+    let sent = Instant::now();
+    s.write_all(b"GET /two HTTP/1.1\r\nHo").await.unwrap();
+    // Closed well before the 60 s keep-alive timeout (read_to_close gives up after 10 s).
+    let rest = read_to_close(&mut s).await;
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(sent.elapsed() >= Duration::from_millis(250));
+}
+
+#[tokio::test]
+async fn bytes_that_are_not_http_get_400_at_once() {
+    let mut c = config();
+    c.header_read_timeout = Duration::from_secs(60);
+    let server = start(echo(), c).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    // The start of a TLS ClientHello: no empty line will ever come.
+    s.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        .await
+        .unwrap();
+    let rest = read_to_close(&mut s).await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text:?}");
+}
+
+#[tokio::test]
+async fn a_head_longer_than_the_first_buffer_goes_to_hyper_and_its_limits() {
+    let server = start(echo(), config()).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = Vec::new();
+    // 12 KiB: past the 8 KiB the driver reads itself, under max_header_size (32 KiB).
+    let pad = "a".repeat(12 * 1024);
+    s.write_all(format!("GET /long HTTP/1.1\r\nHost: a.test\r\nX-Pad: {pad}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s, &mut buf).await.1, "GET /long 0");
+    // Sent slowly, in 1 KiB pieces, it is the same.
+    let req = format!("GET /long2 HTTP/1.1\r\nHost: a.test\r\nX-Pad: {pad}\r\n\r\n");
+    for piece in req.as_bytes().chunks(1024) {
+        s.write_all(piece).await.unwrap();
+        s.flush().await.unwrap();
+    }
+    assert_eq!(read_response(&mut s, &mut buf).await.1, "GET /long2 0");
+    // Past max_header_size hyper answers 431 as before: smuggling.rs covers it.
 }
 
 #[tokio::test]

@@ -6,11 +6,16 @@
 //! connection, idle or not; 5,000 idle keep-alive clients cost 100 MB that way. So a
 //! connection here is served one request (or one pipelined batch) at a time:
 //!
-//! 1. Wait until the socket has bytes ([`Accept::raw_tcp`], peeked, not read), with the
-//!    header timeout for the first request and the keep-alive timeout afterwards; EOF,
-//!    the timeout or server shutdown close the connection. Nothing HTTP exists yet.
-//! 2. Start a hyper HTTP/1 connection on the stream ([`ParkIo`], with any bytes left
-//!    from before in front) and let it serve keep-alive requests as usual. Once the
+//! 1. Read the start of the next request into a buffer sized to what arrived, with no
+//!    hyper connection yet, until its head is complete (an empty line), with the header
+//!    timeout of the accept for the first request and the keep-alive timeout, then the
+//!    header timeout, afterwards; EOF, the timeout with nothing read or server shutdown
+//!    close the connection (with part of a head too, without an answer, as hyper's own
+//!    header timer did). A slow client costs the bytes it sent. A head that grows past
+//!    8 KiB, or bytes no head has (control characters), go to hyper as they are (hyper
+//!    answers 431, 414 or 400 as before).
+//! 2. Start a hyper HTTP/1 connection on the stream ([`ParkIo`], with the bytes read
+//!    or left from before in front) and let it serve keep-alive requests as usual. Once the
 //!    service has produced the response head of every request read so far (hyper encodes
 //!    a head in the poll that receives it) and no new request came for `park_after`
 //!    (zero: at once), tell hyper to end the connection after the current message
@@ -20,7 +25,7 @@
 //!    the delay: busy connections never pay it.)
 //! 3. Take the stream and any bytes hyper read past the message (`into_parts`). If the
 //!    message ended cleanly (the request body was read whole, nobody asked to close, the
-//!    server is not stopping), go to 1 with those bytes; otherwise shut the socket down.
+//!    server is not stopping), go to 1 with those bytes; otherwise close the socket.
 //!
 //! Upgrades stay hyper's: the connection runs `with_upgrades`, so after a 101 hyper hands
 //! the stream (and bytes read past the request) to `hyper::upgrade::on`, and the library
@@ -28,6 +33,7 @@
 //! preface goes to hyper-util's HTTP/1 + HTTP/2 builder instead.
 
 use std::future::{poll_fn, Future};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,8 +42,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{Request, Response};
@@ -48,14 +53,6 @@ use crate::server::{Accept, ServerStats};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Why a wait for the next request ended.
-enum Woke {
-    /// Bytes are there; this many were peeked.
-    Data(usize),
-    /// The peer closed, the socket failed, the timeout passed or the server is stopping.
-    Close,
-}
 
 /// What the connection task keeps between requests.
 pub(crate) struct Parked<'a, F> {
@@ -94,35 +91,33 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
             let mut builder = &self.shared.h1;
             let own_builder;
             if prefix.is_empty() {
-                let Some(tcp) = A::raw_tcp(&io) else { return };
-                let timeout = if first {
-                    config.header_read_timeout
+                // The first head must be in by the header timeout of the accept; a later
+                // one has the keep-alive timeout to begin and then the header timeout.
+                let wait = if first {
+                    Wait::Head(accepted + config.header_read_timeout)
                 } else {
-                    keep_alive_timeout
+                    Wait::Idle(keep_alive_timeout)
                 };
-                let mut peek = [0u8; H2_PREFACE.len()];
-                let want = if first { peek.len() } else { 1 };
-                match self.wait(tcp, &mut peek[..want], timeout).await {
-                    Woke::Close => break,
-                    Woke::Data(n) => {
-                        if first && peek.get(..n) == H2_PREFACE.get(..n) {
-                            // HTTP/2 with prior knowledge (or too little to tell yet).
-                            adapter.set_park(false);
-                            serve_auto(io, adapter, &self.shared.auto, self.stopped, self.stopping)
-                                .await;
-                            return;
-                        }
+                match self.read_head(&mut io, first, wait).await {
+                    Head::Close => break,
+                    Head::H2(bytes) => {
+                        // HTTP/2 with prior knowledge (or too little to tell yet).
+                        adapter.set_park(false);
+                        let io = ParkIo::handed_over(bytes, io);
+                        serve_auto(io, adapter, &self.shared.auto, self.stopped, self.stopping)
+                            .await;
+                        return;
                     }
-                }
-                if first {
-                    let left = config
-                        .header_read_timeout
-                        .saturating_sub(accepted.elapsed());
-                    if left < config.header_read_timeout {
+                    Head::Complete(bytes) => prefix = bytes,
+                    Head::Partial(bytes, deadline) => {
+                        // hyper reads the rest (or refuses what it has) with its own
+                        // limits, by what is left of the header timeout.
+                        let left = deadline.saturating_duration_since(Instant::now());
                         let mut b = self.shared.h1.clone();
                         b.header_read_timeout(left.max(Duration::from_millis(1)));
                         own_builder = b;
                         builder = &own_builder;
+                        prefix = bytes;
                     }
                 }
             }
@@ -224,43 +219,182 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
             adapter = parts.service;
             prefix = join(parts.read_buf, rest);
         }
-        // The response is flushed (hyper flushes before it returns); send FIN.
-        let _ = io.shutdown().await;
+        // The response is flushed (hyper flushes before it returns). Dropping the stream
+        // closes it, which sends the FIN: a `shutdown` first would only cost a syscall
+        // (with unread input, the kernel resets the connection on close either way).
+        drop(io);
     }
 
-    /// Wait until `tcp` has bytes to read; peek up to `buf.len()` of them.
-    async fn wait(&mut self, tcp: &TcpStream, buf: &mut [u8], timeout: Duration) -> Woke {
-        let mut parked: Option<ParkedGuard<'_>> = None;
+    /// Read the start of the next request into a buffer of its own size, until its head
+    /// is complete, without a hyper connection: a client that sends its head slowly (or
+    /// not at all) costs the bytes it sent, not hyper's 16 KiB of buffers, and its bytes
+    /// are not parsed again on every read. Reading instead of peeking also spares a
+    /// syscall per request: hyper gets the bytes in front of the stream.
+    ///
+    /// Each read goes to a stack buffer; bytes are copied to the heap only once they
+    /// arrive, so an idle connection holds no buffer (and a stale readiness left by
+    /// hyper's last read costs one `EAGAIN`, nothing more).
+    async fn read_head<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut I,
+        first: bool,
+        wait: Wait,
+    ) -> Head {
+        let header_timeout = self.shared.config.header_read_timeout;
         let stats = self.stats;
         let sleep = &mut self.sleep;
         let stopped = &mut self.stopped;
         let stopping = &mut self.stopping;
+        let mut parked: Option<ParkedGuard<'_>> = None;
+        let mut head = BytesMut::new();
+        let mut wait = wait;
+        // The timer is armed lazily, on the first read that would block: a request whose
+        // bytes are already there never touches the timer wheel.
+        let mut armed = false;
         poll_fn(|cx| {
-            // Peeking (not only polling readiness) also clears a stale readiness left by
-            // hyper's last read, which would otherwise wake this wait at once.
-            let mut rb = ReadBuf::new(buf);
-            match tcp.poll_peek(cx, &mut rb) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Woke::Close),
-                Poll::Ready(Ok(n)) => return Poll::Ready(Woke::Data(n)),
-                Poll::Pending => {}
+            loop {
+                let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+                let mut rb = ReadBuf::uninit(&mut chunk);
+                match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(Head::Close),
+                    Poll::Pending => break,
+                }
+                let got = rb.filled();
+                if got.is_empty() {
+                    // EOF, mid-head or not: hyper would close without an answer too
+                    // (an incomplete head gets no automatic response).
+                    return Poll::Ready(Head::Close);
+                }
+                if head.is_empty() {
+                    if let Wait::Idle(_) = wait {
+                        // The next request has begun: its head has the header timeout.
+                        wait = Wait::Head(Instant::now() + header_timeout);
+                        armed = false;
+                    }
+                }
+                let from = head.len();
+                head.extend_from_slice(got);
+                if first && is_h2_start(&head) {
+                    return Poll::Ready(Head::H2(take(&mut head)));
+                }
+                if head_complete(&head, from) {
+                    return Poll::Ready(Head::Complete(take(&mut head)));
+                }
+                if head.len() >= HEAD_MAX || !plausible(got) {
+                    // A long head: hyper reads the rest with its own buffers and limits.
+                    // Bytes no request head has (a TLS hello on the plain port, binary
+                    // garbage): hyper answers 400 at once, as it did when it read them
+                    // itself, rather than the client waiting for an empty line.
+                    return Poll::Ready(Head::Partial(take(&mut head), wait.deadline()));
+                }
             }
             if !*stopping && stopped.as_mut().poll(cx).is_ready() {
                 *stopping = true;
             }
             if *stopping {
-                return Poll::Ready(Woke::Close);
+                return Poll::Ready(Head::Close);
             }
             if parked.is_none() {
-                sleep.as_mut().reset(Instant::now() + timeout);
                 parked = Some(ParkedGuard::new(stats));
             }
+            if !armed {
+                sleep.as_mut().reset(wait.deadline());
+                armed = true;
+            }
+            // Timed out, with or without part of a head: close without an answer, as
+            // hyper does when its header timer fires (nginx too, for
+            // `client_header_timeout`: the 408 is only logged).
             match sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Woke::Close),
+                Poll::Ready(()) => Poll::Ready(Head::Close),
                 Poll::Pending => Poll::Pending,
             }
         })
         .await
     }
+}
+
+/// The bytes read so far, for hyper. `BytesMut::split` would turn the buffer into a
+/// shared one (an allocation); taking it whole keeps it a plain vector that becomes a
+/// `Bytes` as it is.
+fn take(head: &mut BytesMut) -> Bytes {
+    std::mem::take(head).freeze()
+}
+
+/// Bytes read per `read` while waiting for a head (on the stack, not kept).
+const READ_CHUNK: usize = 4096;
+
+/// A head not complete within this many bytes goes to hyper as it is; hyper reads the
+/// rest into its own buffers (8 KiB and up) and applies `max_header_size`.
+const HEAD_MAX: usize = 8192;
+
+/// What a connection waits for.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// A request head, due by this instant.
+    Head(Instant),
+    /// The first byte of the next request, for this long; then its head.
+    Idle(Duration),
+}
+
+impl Wait {
+    fn deadline(self) -> Instant {
+        match self {
+            Wait::Head(at) => at,
+            Wait::Idle(d) => Instant::now() + d,
+        }
+    }
+}
+
+/// What the wait for a request head gave.
+enum Head {
+    /// The peer closed, the socket failed, the wait timed out (with or without part of
+    /// a head), or the server is stopping.
+    Close,
+    /// The start of an HTTP/2 connection preface (or too little to tell yet).
+    H2(Bytes),
+    /// A whole request head (and whatever followed it in the same reads).
+    Complete(Bytes),
+    /// The start of a head that hyper is to finish (past 8 KiB) or refuse (bytes no
+    /// head has), with the header timeout ending at this instant.
+    Partial(Bytes, Instant),
+}
+
+/// Whether `bytes` may belong to a request head: no control characters other than
+/// HTAB, CR and LF (hyper refuses them everywhere in a head with 400).
+fn plausible(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t' || b == b'\r' || b == b'\n')
+}
+
+/// Whether `buf` could be the start of the HTTP/2 connection preface.
+fn is_h2_start(buf: &[u8]) -> bool {
+    let n = buf.len().min(H2_PREFACE.len());
+    buf.get(..n) == H2_PREFACE.get(..n)
+}
+
+/// Whether `buf` holds the end of a request head (an empty line: CRLF CRLF, or bare LFs
+/// as hyper also accepts them), looking only at bytes from `from` (and the three before
+/// it, where the end may have begun). An empty line before the request line (which
+/// hyper skips) may also match; that only hands the bytes to hyper early.
+fn head_complete(buf: &[u8], from: usize) -> bool {
+    // Usually the head is all there is: look at its end first.
+    if buf.ends_with(b"\n\r\n") || buf.ends_with(b"\n\n") {
+        return true;
+    }
+    let mut at = from.saturating_sub(3);
+    while let Some(i) = buf
+        .get(at..)
+        .and_then(|t| t.iter().position(|&b| b == b'\n'))
+    {
+        let lf = at + i;
+        match (buf.get(lf + 1), buf.get(lf + 2)) {
+            (Some(b'\n'), _) | (Some(b'\r'), Some(b'\n')) => return true,
+            _ => at = lf + 1,
+        }
+    }
+    false
 }
 
 /// Bytes hyper read past the message, then bytes it never read.
@@ -294,8 +428,194 @@ impl Drop for ParkedGuard<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::server::serve::{http1_builder, http_builder};
+    use crate::server::HttpConfig;
+    use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn the_end_of_a_head_is_an_empty_line() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert!(head_complete(head, 0));
+        assert!(head_complete(head, head.len() - 1));
+        assert!(!head_complete(&head[..head.len() - 1], 0));
+        assert!(head_complete(b"GET / HTTP/1.1\nHost: a\n\n", 0));
+        // Only the bytes from `from` (and the three before) are looked at.
+        let split = b"GET / HTTP/1.1\r\nHost: a\r\n\r";
+        assert!(!head_complete(split, 0));
+        let whole = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert!(head_complete(whole, split.len()));
+        assert!(!head_complete(b"", 0));
+        // A body or the next request after the head.
+        assert!(head_complete(
+            b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nab",
+            0
+        ));
+        assert!(head_complete(b"GET / HTTP/1.1\n\nGET", 10));
+        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: a\r\nX: \r\r\n", 0));
+    }
+
+    #[test]
+    fn the_h2_preface_is_told_from_its_first_byte() {
+        assert!(is_h2_start(b"P"));
+        assert!(is_h2_start(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n..."));
+        assert!(!is_h2_start(b"POST / HTTP/1.1\r\n"));
+        assert!(!is_h2_start(b"GET"));
+    }
+
+    /// Reads `wait`'s head from `io` with a fresh driver state; the parked gauge after
+    /// `probe` (time advanced by the paused clock) and the result.
+    async fn read_head_of(
+        io: &mut tokio::io::DuplexStream,
+        first: bool,
+        wait: Wait,
+        probe: Duration,
+        then: &[u8],
+        client: &mut tokio::io::DuplexStream,
+        eof: bool,
+    ) -> (usize, Head) {
+        let config = HttpConfig {
+            header_read_timeout: Duration::from_secs(1),
+            ..HttpConfig::default()
+        };
+        let shared = Shared {
+            auto: http_builder(&config),
+            h1: http1_builder(&config),
+            config,
+            set_nodelay: false,
+        };
+        let stats = ServerStats::default();
+        let stopped = std::future::pending::<()>();
+        tokio::pin!(stopped);
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
+        let mut parked = Parked {
+            shared: &shared,
+            stats: &stats,
+            state: crate::server::ConnState::new(),
+            stopped,
+            stopping: false,
+            sleep,
+        };
+        let fut = parked.read_head(io, first, wait);
+        tokio::pin!(fut);
+        assert!(tokio::time::timeout(probe, &mut fut).await.is_err());
+        let gauge = stats.parked();
+        client.write_all(then).await.unwrap();
+        if eof {
+            client.shutdown().await.unwrap();
+        }
+        (gauge, fut.await)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_in_pieces_is_read_whole_while_counted_as_parked() {
+        let (mut client, mut io) = tokio::io::duplex(1024);
+        client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+        let start = Instant::now();
+        let wait = Wait::Head(start + Duration::from_secs(1));
+        let (gauge, head) = read_head_of(
+            &mut io,
+            true,
+            wait,
+            Duration::from_millis(500),
+            b"st: a\r\n\r\nGET",
+            &mut client,
+            false,
+        )
+        .await;
+        assert_eq!(gauge, 1);
+        let Head::Complete(bytes) = head else {
+            panic!("not complete")
+        };
+        assert_eq!(bytes, "GET / HTTP/1.1\r\nHost: a\r\n\r\nGET");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_incomplete_at_its_deadline_closes() {
+        let (mut client, mut io) = tokio::io::duplex(1024);
+        client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+        let start = Instant::now();
+        let wait = Wait::Head(start + Duration::from_secs(1));
+        let (_, head) = read_head_of(
+            &mut io,
+            true,
+            wait,
+            Duration::from_millis(500),
+            b"st",
+            &mut client,
+            false,
+        )
+        .await;
+        assert!(matches!(head, Head::Close));
+        assert!(start.elapsed() >= Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_no_head_has_go_to_hyper_at_once() {
+        let (mut client, mut io) = tokio::io::duplex(1024);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .unwrap();
+        let wait = Wait::Head(Instant::now() + Duration::from_secs(1));
+        let probe = Duration::from_millis(10);
+        let then = b"X-Bad: \x01\r\n";
+        let (_, head) = read_head_of(&mut io, true, wait, probe, then, &mut client, false).await;
+        assert!(matches!(head, Head::Partial(..)));
+        assert!(plausible(b"GET /\xc3\xa9 HTTP/1.1\r\nX: a\tb\r\n\r\n"));
+        assert!(!plausible(b"\x16\x03\x01"));
+        assert!(!plausible(b"GET / HTTP/1.1\r\nX: \x7f"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_begun_keep_alive_head_has_the_header_timeout() {
+        let (mut client, mut io) = tokio::io::duplex(1024);
+        let start = Instant::now();
+        // 60 s to begin; once begun, the header timeout (1 s) applies.
+        let (gauge, head) = read_head_of(
+            &mut io,
+            false,
+            Wait::Idle(Duration::from_secs(60)),
+            Duration::from_secs(30),
+            b"GET / HT",
+            &mut client,
+            false,
+        )
+        .await;
+        assert_eq!(gauge, 1);
+        assert!(matches!(head, Head::Close));
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(31) && took < Duration::from_secs(32),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_h2_preface_and_eof_end_the_wait() {
+        let (mut client, mut io) = tokio::io::duplex(1024);
+        let wait = Wait::Head(Instant::now() + Duration::from_secs(1));
+        let (_, head) = read_head_of(
+            &mut io,
+            true,
+            wait,
+            Duration::from_millis(10),
+            b"PRI * HTTP/2.0\r\n",
+            &mut client,
+            false,
+        )
+        .await;
+        assert!(matches!(head, Head::H2(b) if b == "PRI * HTTP/2.0\r\n"));
+        let (mut client, mut io) = tokio::io::duplex(1024);
+        client.write_all(b"GET /").await.unwrap();
+        let wait = Wait::Head(Instant::now() + Duration::from_secs(1));
+        let probe = Duration::from_millis(10);
+        let (_, head) = read_head_of(&mut io, true, wait, probe, b"", &mut client, true).await;
+        assert!(matches!(head, Head::Close));
+    }
 
     #[test]
     fn join_keeps_order() {

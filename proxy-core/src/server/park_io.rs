@@ -17,16 +17,31 @@ use crate::server::adapter::ConnState;
 /// Shutdown is the driver's to decide: while the connection is plain HTTP, hyper's
 /// end-of-connection shutdown only flushes (the driver then parks the stream or closes
 /// it itself). Once a 101 went out, the stream belongs to the upgrade (hyper hands this
-/// object to `hyper::upgrade::on`), and shutdown is real.
+/// object to `hyper::upgrade::on`), and shutdown is real. Without a state
+/// ([`ParkIo::handed_over`]) the stream is hyper's for good and shutdown is always real.
 pub(crate) struct ParkIo<T> {
     prefix: Bytes,
     io: T,
-    state: Arc<ConnState>,
+    state: Option<Arc<ConnState>>,
 }
 
 impl<T> ParkIo<T> {
     pub(crate) fn new(prefix: Bytes, io: T, state: Arc<ConnState>) -> Self {
-        ParkIo { prefix, io, state }
+        ParkIo {
+            prefix,
+            io,
+            state: Some(state),
+        }
+    }
+
+    /// `io` with `prefix` in front, given to hyper until the connection ends (HTTP/2 with
+    /// prior knowledge): shutdown goes to the stream.
+    pub(crate) fn handed_over(prefix: Bytes, io: T) -> Self {
+        ParkIo {
+            prefix,
+            io,
+            state: None,
+        }
     }
 
     /// The bytes not read yet and the stream.
@@ -77,7 +92,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ParkIo<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.state.upgraded() {
+        if self.state.as_ref().is_none_or(|s| s.upgraded()) {
             Pin::new(&mut self.io).poll_shutdown(cx)
         } else {
             Pin::new(&mut self.io).poll_flush(cx)
@@ -110,5 +125,18 @@ mod tests {
         b.read_exact(&mut one).await.unwrap();
         let (prefix, _stream) = io.into_parts();
         assert!(prefix.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_handed_over_stream_shuts_down_for_real() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut io = ParkIo::handed_over(Bytes::from_static(b"PRI"), a);
+        let mut got = [0u8; 3];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"PRI");
+        io.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
     }
 }

@@ -80,7 +80,8 @@ impl ServerStats {
     }
 
     /// HTTP/1 connections waiting for their next (or first) request with no HTTP state
-    /// and no buffers ([`HttpConfig::park_idle`]).
+    /// and no buffers ([`HttpConfig::park_idle`]), including those whose request head
+    /// has begun but is not complete (it is read without hyper until it is).
     pub fn parked(&self) -> usize {
         self.parked.load(Ordering::Relaxed)
     }
@@ -401,7 +402,7 @@ async fn refuse(stream: TcpStream, header_timeout: std::time::Duration) {
 /// hyper's built-in header count limit (`hyper::proto::h1::role::DEFAULT_MAX_HEADERS`).
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
-fn http1_builder(c: &HttpConfig) -> hyper::server::conn::http1::Builder {
+pub(crate) fn http1_builder(c: &HttpConfig) -> hyper::server::conn::http1::Builder {
     let mut h1 = hyper::server::conn::http1::Builder::new();
     // `max_buf_size` alone is not a header limit: a fresh connection's first reads can
     // take in more than it before hyper checks (hyper-util's builder happened to read
@@ -418,7 +419,7 @@ fn http1_builder(c: &HttpConfig) -> hyper::server::conn::http1::Builder {
     h1
 }
 
-fn http_builder(c: &HttpConfig) -> auto::Builder<TokioExecutor> {
+pub(crate) fn http_builder(c: &HttpConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     let mut h1 = b.http1();
     h1.timer(TokioTimer::new())
