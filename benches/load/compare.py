@@ -61,6 +61,7 @@ CONNS = int(os.environ.get("CONNS", "50"))
 IDLE_CONNS = int(os.environ.get("IDLE_CONNS", "5000"))
 SLOW_CONNS = int(os.environ.get("SLOW_CONNS", "1000"))
 IDLE_SETTLE = float(os.environ.get("IDLE_SETTLE", "1.5"))
+IDLE_SETTLE_MAX = float(os.environ.get("IDLE_SETTLE_MAX", "30"))
 PROXY_CPU = os.environ.get("PROXY_CPU", "0")
 LOAD_CPU = os.environ.get("LOAD_CPU", "1")
 WORKERS = int(os.environ.get("WORKERS", "1"))
@@ -327,6 +328,19 @@ def measure(proc, fn):
     return r
 
 
+def settle(proc, rss):
+    """The resident size once it stops falling: read each second until one reading is
+    within 1 % of the one before (at most IDLE_SETTLE_MAX seconds); and the seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < IDLE_SETTLE_MAX:
+        time.sleep(1.0)
+        now = proc.status_kib("VmRSS")
+        if now >= rss * 0.99:
+            return now, time.monotonic() - start
+        rss = now
+    return rss, time.monotonic() - start
+
+
 def scenario(name, proc, port, tls_port):
     http = f"http://127.0.0.1:{port}"
     https = f"https://127.0.0.1:{tls_port}"
@@ -364,9 +378,17 @@ def scenario(name, proc, port, tls_port):
             # once it has been idle for `park_after` (250 ms, parked within 500 ms).
             time.sleep(IDLE_SETTLE)
             after = proc.status_kib("VmRSS")
+            # Then until the allocator has given back what the process freed (our
+            # jemalloc returns freed pages over ~10 s, glibc's malloc may keep them): what
+            # the idle connections themselves hold.
+            settled, waited = settle(proc, after)
             return {"requests": IDLE_CONNS, "rps": None, "p50": None, "p99": None,
                     "cpu_us": None, "errors": "",
                     "per_conn_kib": (after - before) / IDLE_CONNS,
+                    "settled": {"requests": IDLE_CONNS, "rps": None, "p50": None, "p99": None,
+                                "cpu_us": None, "errors": f"after {waited:.0f} s",
+                                "per_conn_kib": (settled - before) / IDLE_CONNS,
+                                "peak_mib": None},
                     "peak_mib": proc.status_kib("VmHWM") / 1024}
         finally:
             release.set()
@@ -387,14 +409,21 @@ def print_table(rows):
     print("| scenario | server | req/s | CPU µs/req | p50 ms | p99 ms | peak RSS MiB | KiB/idle conn | errors |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for name, ours, ngx in rows:
-        for who, r in (("ours", ours), ("nginx", ngx)):
-            print(f"| {name} | {who} | {fmt(r['rps'], '.0f')} | {fmt(r['cpu_us'], '.1f')} | "
-                  f"{fmt(r['p50'], '.2f')} | {fmt(r['p99'], '.2f')} | {fmt(r['peak_mib'], '.1f')} | "
-                  f"{fmt(r.get('per_conn_kib'), '.2f')} | {r['errors'] or ''} |")
-        print(f"| {name} | **ours/nginx** | {ratio(ours['rps'], ngx['rps'])} | "
-              f"{ratio(ours['cpu_us'], ngx['cpu_us'])} | {ratio(ours['p50'], ngx['p50'])} | "
-              f"{ratio(ours['p99'], ngx['p99'])} | {ratio(ours['peak_mib'], ngx['peak_mib'])} | "
-              f"{ratio(ours.get('per_conn_kib'), ngx.get('per_conn_kib'))} | |")
+        print_table_rows(name, ours, ngx)
+
+
+def print_table_rows(name, ours, ngx):
+    """One scenario's rows: ours, nginx, and the ratio."""
+    for who, r in (("ours", ours), ("nginx", ngx)):
+        print(f"| {name} | {who} | {fmt(r['rps'], '.0f')} | {fmt(r['cpu_us'], '.1f')} | "
+              f"{fmt(r['p50'], '.2f')} | {fmt(r['p99'], '.2f')} | {fmt(r['peak_mib'], '.1f')} | "
+              f"{fmt(r.get('per_conn_kib'), '.2f')} | {r['errors'] or ''} |")
+    print(f"| {name} | **ours/nginx** | {ratio(ours['rps'], ngx['rps'])} | "
+          f"{ratio(ours['cpu_us'], ngx['cpu_us'])} | {ratio(ours['p50'], ngx['p50'])} | "
+          f"{ratio(ours['p99'], ngx['p99'])} | {ratio(ours['peak_mib'], ngx['peak_mib'])} | "
+          f"{ratio(ours.get('per_conn_kib'), ngx.get('per_conn_kib'))} | |")
+    if "settled" in ours and "settled" in ngx:
+        print_table_rows(f"{name} (settled)", ours["settled"], ngx["settled"])
 
 
 # --- callgrind --------------------------------------------------------------------------

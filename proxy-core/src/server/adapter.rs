@@ -123,6 +123,17 @@ impl<S> Adapter<S> {
         }
     }
 
+    /// The connection facts every request of this connection carries.
+    pub(crate) fn info(&self) -> &ClientInfo {
+        &self.info
+    }
+
+    /// The connection facts, for the acceptor to refine (PROXY protocol, TLS) before
+    /// the first request.
+    pub(crate) fn info_mut(&mut self) -> &mut ClientInfo {
+        &mut self.info
+    }
+
     /// Record what the parking HTTP/1 driver needs on each HTTP/1 request.
     pub(crate) fn set_park(&mut self, on: bool) {
         self.park = on;

@@ -66,9 +66,17 @@ pub(crate) struct Parked<'a, F> {
     pub(crate) sleep: Pin<&'a mut Sleep>,
 }
 
-impl<F: Future<Output = ()>> Parked<'_, F> {
+impl<'a, F: Future<Output = ()>> Parked<'a, F> {
     /// Serve `io` until the connection ends.
-    pub(crate) async fn serve<A, S>(mut self, mut io: A::Io, mut adapter: Adapter<S>)
+    ///
+    /// Written as a function returning an `async move` block, not an `async fn`: the
+    /// latter keeps a second copy of its arguments in the future, and this future is
+    /// what a parked connection costs.
+    pub(crate) fn serve<A, S>(
+        mut self,
+        mut io: A::Io,
+        adapter: &'a Adapter<S>,
+    ) -> impl Future<Output = ()> + 'a
     where
         A: Accept,
         S: tower_service::Service<Request, Response = Response, Error = std::convert::Infallible>
@@ -78,151 +86,210 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
             + 'static,
         S::Future: Send + 'static,
     {
-        let config = &self.shared.config;
-        let keep_alive_timeout = config
-            .keep_alive_timeout
-            .unwrap_or(config.header_read_timeout);
-        // The first request's header must be complete within the header timeout of the
-        // accept (nginx's `client_header_timeout`), the wait for its first byte included.
-        let accepted = Instant::now();
-        let mut first = true;
-        let mut prefix = Bytes::new();
-        loop {
-            let mut builder = &self.shared.h1;
-            let own_builder;
-            if prefix.is_empty() {
-                // The first head must be in by the header timeout of the accept; a later
-                // one has the keep-alive timeout to begin and then the header timeout.
-                let wait = if first {
-                    Wait::Head(accepted + config.header_read_timeout)
-                } else {
-                    Wait::Idle(keep_alive_timeout)
-                };
-                match self.read_head(&mut io, first, wait).await {
-                    Head::Close => break,
-                    Head::H2(bytes) => {
-                        // HTTP/2 with prior knowledge (or too little to tell yet).
-                        adapter.set_park(false);
-                        let io = ParkIo::handed_over(bytes, io);
-                        serve_auto(io, adapter, &self.shared.auto, self.stopped, self.stopping)
+        async move {
+            let config = &self.shared.config;
+            // The first request's header must be complete within the header timeout of the
+            // accept (nginx's `client_header_timeout`), the wait for its first byte included.
+            let mut first = Some(Instant::now() + config.header_read_timeout);
+            let mut prefix = Bytes::new();
+            loop {
+                // `Some`: what is left of the header timeout for a head hyper is to finish.
+                let mut partial = None;
+                if prefix.is_empty() {
+                    // The first head must be in by the header timeout of the accept; a later
+                    // one has the keep-alive timeout to begin and then the header timeout.
+                    let wait = match first {
+                        Some(deadline) => Wait::Head(deadline),
+                        None => Wait::Idle(
+                            config
+                                .keep_alive_timeout
+                                .unwrap_or(config.header_read_timeout),
+                        ),
+                    };
+                    match self.read_head(&mut io, first.is_some(), wait).await {
+                        Head::Close => break,
+                        Head::H2(bytes) => {
+                            // HTTP/2 with prior knowledge (or too little to tell yet).
+                            // Boxed: rare, and it would size every connection's task; the
+                            // values are moved straight in, for the same reason.
+                            Box::pin(serve_auto(
+                                ParkIo::handed_over(bytes, io),
+                                {
+                                    let mut adapter = adapter.clone();
+                                    adapter.set_park(false);
+                                    adapter
+                                },
+                                &self.shared.auto,
+                                self.stopped,
+                                self.stopping,
+                            ))
                             .await;
-                        return;
-                    }
-                    Head::Complete(bytes) => prefix = bytes,
-                    Head::Partial(bytes, deadline) => {
-                        // hyper reads the rest (or refuses what it has) with its own
-                        // limits, by what is left of the header timeout.
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        let mut b = self.shared.h1.clone();
-                        b.header_read_timeout(left.max(Duration::from_millis(1)));
-                        own_builder = b;
-                        builder = &own_builder;
-                        prefix = bytes;
+                            return;
+                        }
+                        Head::Complete(bytes) => prefix = bytes,
+                        Head::Partial(bytes, deadline) => {
+                            partial = Some(deadline.saturating_duration_since(Instant::now()));
+                            prefix = bytes;
+                        }
                     }
                 }
+                first = None;
+                // Boxed, once per period of service: the connection task itself stays small
+                // (it is what a parked connection costs); hyper's connection and the state
+                // of serving it live in this box only while serving.
+                let served = Box::pin(self.serve_hyper(
+                    std::mem::take(&mut prefix),
+                    io,
+                    adapter.clone(),
+                    partial,
+                ))
+                .await;
+                let Served::Parts {
+                    io: inner,
+                    rest,
+                    graceful,
+                } = served
+                else {
+                    return;
+                };
+                io = inner;
+                if !graceful || self.stopping || !config.keep_alive || !self.state.reusable() {
+                    break;
+                }
+                prefix = rest;
             }
-            first = false;
-            // Boxed: the connection task itself stays small (it is what a parked
-            // connection costs); hyper's state lives in this box only while serving.
-            let mut conn = Box::pin(
-                builder
-                    .serve_connection(
-                        TokioIo::new(ParkIo::new(prefix, io, self.state.clone())),
-                        adapter,
-                    )
-                    .with_upgrades(),
-            );
-            let start = self.state.served();
-            let mut graceful = false;
-            let state = &self.state;
-            let stopped = &mut self.stopped;
-            let stopping = &mut self.stopping;
-            let sleep = &mut self.sleep;
-            let park_after = config.park_after;
-            // Delayed parking: the timer is armed once per `park_after` period, not per
-            // request; a connection that served nothing new for a whole period while
-            // every request had its response is idle.
-            let mut armed: Option<u32> = None;
-            let done = poll_fn(|cx| loop {
-                // Set when the timer was reset in this pass: it must be polled once to
-                // register; otherwise the check below already polled it.
-                let mut reset = false;
-                if !*stopping && stopped.as_mut().poll(cx).is_ready() {
-                    *stopping = true;
-                }
-                if !graceful {
-                    let served = state.served();
-                    let answered = served > start && state.all_responded();
-                    let idle = if *stopping {
-                        true
-                    } else if park_after.is_zero() {
-                        answered
-                    } else if served == start {
-                        false
-                    } else if let Some(seen) = armed {
-                        if sleep.as_mut().poll(cx).is_ready() {
-                            if seen == served && answered {
-                                true
-                            } else {
-                                sleep.as_mut().reset(Instant::now() + park_after);
-                                armed = Some(served);
-                                reset = true;
-                                false
-                            }
+            // The response is flushed (hyper flushes before it returns). Dropping the stream
+            // closes it, which sends the FIN: a `shutdown` first would only cost a syscall
+            // (with unread input, the kernel resets the connection on close either way).
+            drop(io);
+        }
+    }
+
+    /// Serve keep-alive requests with a hyper connection on `io` (`prefix` in front of
+    /// it) until the connection is idle (then take the stream back), ends, or is
+    /// upgraded. `partial`: the head in `prefix` is not complete, and hyper is to read
+    /// the rest within this much time.
+    async fn serve_hyper<Io, S>(
+        &mut self,
+        prefix: Bytes,
+        io: Io,
+        adapter: Adapter<S>,
+        partial: Option<Duration>,
+    ) -> Served<Io>
+    where
+        Io: AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: tower_service::Service<Request, Response = Response, Error = std::convert::Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let own_builder;
+        let builder = match partial {
+            None => &self.shared.h1,
+            Some(left) => {
+                // hyper reads the rest (or refuses what it has) with its own limits, by
+                // what is left of the header timeout.
+                let mut b = self.shared.h1.clone();
+                b.header_read_timeout(left.max(Duration::from_millis(1)));
+                own_builder = b;
+                &own_builder
+            }
+        };
+        let conn = builder
+            .serve_connection(
+                TokioIo::new(ParkIo::new(prefix, io, self.state.clone())),
+                adapter,
+            )
+            .with_upgrades();
+        // hyper's connection is `Unpin` (its I/O is): it is moved out at the end.
+        let mut conn = conn;
+        let start = self.state.served();
+        let mut graceful = false;
+        let state = &self.state;
+        let stopped = &mut self.stopped;
+        let stopping = &mut self.stopping;
+        let sleep = &mut self.sleep;
+        let park_after = self.shared.config.park_after;
+        // Delayed parking: the timer is armed once per `park_after` period, not per
+        // request; a connection that served nothing new for a whole period while
+        // every request had its response is idle.
+        let mut armed: Option<u32> = None;
+        let done = poll_fn(|cx| loop {
+            // Set when the timer was reset in this pass: it must be polled once to
+            // register; otherwise the check below already polled it.
+            let mut reset = false;
+            if !*stopping && stopped.as_mut().poll(cx).is_ready() {
+                *stopping = true;
+            }
+            if !graceful {
+                let served = state.served();
+                let answered = served > start && state.all_responded();
+                let idle = if *stopping {
+                    true
+                } else if park_after.is_zero() {
+                    answered
+                } else if served == start {
+                    false
+                } else if let Some(seen) = armed {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        if seen == served && answered {
+                            true
                         } else {
+                            sleep.as_mut().reset(Instant::now() + park_after);
+                            armed = Some(served);
+                            reset = true;
                             false
                         }
                     } else {
-                        sleep.as_mut().reset(Instant::now() + park_after);
-                        armed = Some(served);
-                        reset = true;
                         false
+                    }
+                } else {
+                    sleep.as_mut().reset(Instant::now() + park_after);
+                    armed = Some(served);
+                    reset = true;
+                    false
+                };
+                if idle {
+                    Pin::new(&mut conn).graceful_shutdown();
+                    graceful = true;
+                }
+            }
+            match Pin::new(&mut conn).poll(cx) {
+                Poll::Ready(r) => return Poll::Ready(r),
+                Poll::Pending if graceful => return Poll::Pending,
+                Poll::Pending => {
+                    // What this poll did that the checks above have not seen: a
+                    // response head (end now, or arm the timer), a timer to register.
+                    let served = state.served();
+                    let again = if park_after.is_zero() {
+                        served > start && state.all_responded()
+                    } else {
+                        (served > start && armed.is_none())
+                            || (reset && sleep.as_mut().poll(cx).is_ready())
                     };
-                    if idle {
-                        conn.as_mut().graceful_shutdown();
-                        graceful = true;
+                    if !again {
+                        return Poll::Pending;
                     }
                 }
-                match conn.as_mut().poll(cx) {
-                    Poll::Ready(r) => return Poll::Ready(r),
-                    Poll::Pending if graceful => return Poll::Pending,
-                    Poll::Pending => {
-                        // What this poll did that the checks above have not seen: a
-                        // response head (end now, or arm the timer), a timer to register.
-                        let served = state.served();
-                        let again = if park_after.is_zero() {
-                            served > start && state.all_responded()
-                        } else {
-                            (served > start && armed.is_none())
-                                || (reset && sleep.as_mut().poll(cx).is_ready())
-                        };
-                        if !again {
-                            return Poll::Pending;
-                        }
-                    }
-                }
-            })
-            .await;
-            if let Err(e) = done {
-                tracing::debug!(error = %e, "connection ended with an error");
-                return;
             }
-            // None: upgraded, the stream went to `hyper::upgrade::on`.
-            let Some(parts) = Pin::into_inner(conn).into_parts() else {
-                return;
-            };
-            let (rest, inner) = parts.io.into_inner().into_parts();
-            io = inner;
-            if !graceful || self.stopping || !config.keep_alive || !self.state.reusable() {
-                break;
-            }
-            adapter = parts.service;
-            prefix = join(parts.read_buf, rest);
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::debug!(error = %e, "connection ended with an error");
+            return Served::Ended;
         }
-        // The response is flushed (hyper flushes before it returns). Dropping the stream
-        // closes it, which sends the FIN: a `shutdown` first would only cost a syscall
-        // (with unread input, the kernel resets the connection on close either way).
-        drop(io);
+        // None: upgraded, the stream went to `hyper::upgrade::on`.
+        let Some(parts) = conn.into_parts() else {
+            return Served::Ended;
+        };
+        let (rest, io) = parts.io.into_inner().into_parts();
+        Served::Parts {
+            io,
+            rest: join(parts.read_buf, rest),
+            graceful,
+        }
     }
 
     /// Read the start of the next request into a buffer of its own size, until its head
@@ -234,12 +301,16 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
     /// Each read goes to a stack buffer; bytes are copied to the heap only once they
     /// arrive, so an idle connection holds no buffer (and a stale readiness left by
     /// hyper's last read costs one `EAGAIN`, nothing more).
-    async fn read_head<I: AsyncRead + Unpin>(
-        &mut self,
-        io: &mut I,
+    ///
+    /// A plain function returning the polling closure, not an `async fn`, so that the
+    /// future holds each of its values once (it is part of what a parked connection
+    /// costs).
+    fn read_head<'s, I: AsyncRead + Unpin>(
+        &'s mut self,
+        io: &'s mut I,
         first: bool,
         wait: Wait,
-    ) -> Head {
+    ) -> impl Future<Output = Head> + use<'a, 's, F, I> {
         let header_timeout = self.shared.config.header_read_timeout;
         let stats = self.stats;
         let sleep = &mut self.sleep;
@@ -251,7 +322,7 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
         // The timer is armed lazily, on the first read that would block: a request whose
         // bytes are already there never touches the timer wheel.
         let mut armed = false;
-        poll_fn(|cx| {
+        poll_fn(move |cx| {
             loop {
                 let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
                 let mut rb = ReadBuf::uninit(&mut chunk);
@@ -310,7 +381,6 @@ impl<F: Future<Output = ()>> Parked<'_, F> {
                 Poll::Pending => Poll::Pending,
             }
         })
-        .await
     }
 }
 
@@ -360,6 +430,22 @@ enum Head {
     Partial(Bytes, Instant),
 }
 
+/// How a period of service by hyper ended.
+enum Served<Io> {
+    /// The connection failed, was closed, or was upgraded (the stream went to
+    /// `hyper::upgrade::on`).
+    Ended,
+    /// hyper finished its last message and gave the stream back.
+    Parts {
+        io: Io,
+        /// Bytes read past the message (the start of the next request).
+        rest: Bytes,
+        /// The driver asked hyper to end after the current message (idle, or the server
+        /// is stopping); otherwise the message itself ended the connection.
+        graceful: bool,
+    },
+}
+
 /// Whether `bytes` may belong to a request head: no control characters other than
 /// HTAB, CR and LF (hyper refuses them everywhere in a head with 400).
 fn plausible(bytes: &[u8]) -> bool {
@@ -398,9 +484,17 @@ fn head_complete(buf: &[u8], from: usize) -> bool {
 }
 
 /// Bytes hyper read past the message, then bytes it never read.
+///
+/// Nothing left is an empty `Bytes` of its own: hyper's leftover is a view of its read
+/// buffer, and even an empty view keeps that buffer (8 KiB and up) alive, which a
+/// parked connection would then hold while it waits.
 fn join(read: Bytes, rest: Bytes) -> Bytes {
     if rest.is_empty() {
-        read
+        if read.is_empty() {
+            Bytes::new()
+        } else {
+            read
+        }
     } else if read.is_empty() {
         rest
     } else {
@@ -457,6 +551,44 @@ mod tests {
         assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: a\r\nX: \r\r\n", 0));
     }
 
+    /// Drops its flag when the bytes it owns are freed.
+    struct Owner(Vec<u8>, Arc<std::sync::atomic::AtomicBool>);
+
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    impl Drop for Owner {
+        fn drop(&mut self) {
+            self.1.store(true, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn nothing_left_over_keeps_no_read_buffer_alive() {
+        use bytes::Buf;
+        let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // What hyper hands back after a whole message: an empty view of its buffer.
+        let mut read = Bytes::from_owner(Owner(vec![b'x'; 8192], freed.clone()));
+        read.advance(8192);
+        let kept = join(read, Bytes::new());
+        assert!(kept.is_empty());
+        assert!(
+            freed.load(Ordering::Relaxed),
+            "the read buffer outlived the message"
+        );
+
+        // Bytes of a next request are kept, in order.
+        let next = join(
+            Bytes::from_static(b"GET /"),
+            Bytes::from_static(b" HTTP/1.1"),
+        );
+        assert_eq!(&next[..], b"GET / HTTP/1.1");
+        assert_eq!(&join(Bytes::new(), Bytes::from_static(b"G"))[..], b"G");
+    }
+
     #[test]
     fn the_h2_preface_is_told_from_its_first_byte() {
         assert!(is_h2_start(b"P"));
@@ -485,6 +617,7 @@ mod tests {
             h1: http1_builder(&config),
             config,
             set_nodelay: false,
+            stop: crate::server::serve::Stop::default(),
         };
         let stats = ServerStats::default();
         let stopped = std::future::pending::<()>();
