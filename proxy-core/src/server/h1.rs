@@ -72,6 +72,8 @@ impl<'a, F: Future<Output = ()>> Parked<'a, F> {
     /// Written as a function returning an `async move` block, not an `async fn`: the
     /// latter keeps a second copy of its arguments in the future, and this future is
     /// what a parked connection costs.
+    // Not an `async fn` on purpose: see above.
+    #[allow(clippy::manual_async_fn)]
     pub(crate) fn serve<A, S>(
         mut self,
         mut io: A::Io,

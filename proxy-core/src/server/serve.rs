@@ -328,6 +328,8 @@ where
     /// to hold each value once: an `async fn` keeps a copy of its arguments beside the
     /// captured ones, and a local stays in the future until its scope ends even when it
     /// was moved out; values are moved straight into the futures that use them.
+    // Not an `async fn` on purpose: see above.
+    #[allow(clippy::manual_async_fn)]
     fn run(mut self, stream: TcpStream) -> impl Future<Output = ()> + Send {
         async move {
             // An `async move` block takes only the fields it names: the permit (of
