@@ -35,7 +35,8 @@ What it does:
 Everything listens on 127.0.0.1 only, every client run is bounded in time, and every
 process it started is stopped when it ends. Environment: DURATION (seconds per run, 5),
 CONNS (wrk connections, 50), IDLE_CONNS (5000), IDLE_SETTLE (seconds between the last
-idle connection's response and the memory reading, 1.5), SLOW_CONNS (1000), PROXY_CPU (0),
+idle connection's response and the memory reading, 1.5), IDLE_SETTLE_MAX (the longest
+wait, 30, for the resident size to stop falling: the `idle (settled)` row), SLOW_CONNS (1000), PROXY_CPU (0),
 LOAD_CPU (1), WORKERS (1), SCENARIOS (comma list, default all), CALLGRIND_REQUESTS (20000),
 CALLGRIND_CONNS (2000, for --callgrind newconn), CALLGRIND_CLIENTS (1),
 CALLGRIND_MALLOC_CONF (our jemalloc's options under callgrind: no purging, so counts
