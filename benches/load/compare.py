@@ -10,8 +10,11 @@ What it does:
   * starts a fast upstream (an nginx instance serving a small body and a 64 KiB one),
   * starts our proxy (`proxy run`, one worker thread) and nginx (one worker process) with
     equivalent configs: upstream keep-alive 32, access logs off, keepalive_requests
-    100000, one plain and one HTTPS listener (our HTTPS side is the load_tls_proxy
-    example, the same stack behind proxy-tls, until the binary's TOML has TLS keys),
+    100000, one plain and one HTTPS listener (ours: a second `[[server]]` with
+    `tls = { certificate, key }` and the defaults otherwise, as nginx's `listen ... ssl`
+    with only `ssl_certificate`/`ssl_certificate_key`/`ssl_protocols`; both send two
+    TLS 1.3 session tickets per handshake; TLS_SIDE=example measures the load_tls_proxy
+    example instead, proxy-tls's stack without the binary's layers),
   * pins both proxies to CPU 0 and wrk, the upstream and the idle/slowloris clients to CPU 1,
   * runs each scenario for a bounded time, ours then nginx, one after the other:
       small     small keep-alive responses
@@ -31,6 +34,13 @@ What it does:
                the same for a new connection per request: a client opens a connection,
                sends one small request with `Connection: close`, reads to EOF, and again,
                CALLGRIND_CONNS times (2000) after a 200-connection warm-up.
+  --callgrind tlsnew
+               the same over HTTPS, a TLS 1.3 handshake per request (Python's ssl, that
+               is OpenSSL as wrk). Like wrk, each connection resumes the previous one's
+               session by ticket (PSK with a new X25519 exchange: no certificate, no
+               signature); CALLGRIND_TLS_RESUME=0 makes every handshake a full one
+               (ECDSA P-256 signature). Under valgrind ring picks its generic x25519
+               code (no ADX) and OpenSSL its own paths: compare with care.
 
 Everything listens on 127.0.0.1 only, every client run is bounded in time, and every
 process it started is stopped when it ends. Environment: DURATION (seconds per run, 5),
@@ -39,7 +49,7 @@ idle connection's response and the memory reading, 1.5), IDLE_SETTLE_MAX (the lo
 wait, 30, for the resident size to stop falling: the `idle (settled)` row), SLOW_CONNS (1000), PROXY_CPU (0),
 LOAD_CPU (1), WORKERS (1), SCENARIOS (comma list, default all), CALLGRIND_REQUESTS (20000),
 CALLGRIND_CONNS (2000, for --callgrind newconn), CALLGRIND_CLIENTS (1),
-CALLGRIND_MALLOC_CONF (our jemalloc's options under callgrind: no purging, so counts
+CALLGRIND_TLS_RESUME (1), TLS_SIDE (binary or example), CALLGRIND_MALLOC_CONF (our jemalloc's options under callgrind: no purging, so counts
 do not depend on wall time),
 OURS_PRELOAD / OURS_MALLOC_CONF (run our proxy with another allocator, e.g.
 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 and dirty_decay_ms:0).
@@ -74,6 +84,10 @@ CALLGRIND_CLIENTS = int(os.environ.get("CALLGRIND_CLIENTS", "1"))
 # between runs by several percent (8 KiB slabs re-created or not).
 CALLGRIND_MALLOC_CONF = os.environ.get("CALLGRIND_MALLOC_CONF",
                                        "dirty_decay_ms:-1,muzzy_decay_ms:-1")
+# Our HTTPS side: "binary" (a second `[[server]]` of the `proxy` binary with
+# `tls = { certificate, key }`, the default) or "example" (the load_tls_proxy example).
+TLS_SIDE = os.environ.get("TLS_SIDE", "binary")
+CALLGRIND_TLS_RESUME = os.environ.get("CALLGRIND_TLS_RESUME", "1") == "1"
 ALL = ["small", "64k", "newconn", "tls", "tlsnew", "idle", "slowloris"]
 SCENARIOS = [s for s in os.environ.get("SCENARIOS", ",".join(ALL)).split(",") if s]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -232,7 +246,18 @@ http {{
 """
 
 
-def ours_conf(port, upstream):
+def ours_conf(port, upstream, tls_port=None, cert=None, key=None):
+    tls = "" if tls_port is None else f"""
+[[server]]
+listen = ["127.0.0.1:{tls_port}"]
+tls = {{ certificate = "{cert}", key = "{key}" }}
+keepalive_requests = 100000
+backlog = 4096
+
+[[server.location]]
+path = "/"
+proxy_pass = "app"
+"""
     return f"""[global]
 workers = {WORKERS}
 
@@ -248,7 +273,7 @@ backlog = 4096
 [[server.location]]
 path = "/"
 proxy_pass = "app"
-"""
+""" + tls
 
 
 # --- clients ----------------------------------------------------------------------------
@@ -480,6 +505,57 @@ def close_requests(port, n, clients=None):
     return sum(ok)
 
 
+def tls_requests(port, n):
+    """n HTTPS requests, each on its own connection (`Connection: close`), one after the
+    other, with Python's ssl (OpenSSL, as wrk). With CALLGRIND_TLS_RESUME (1, default)
+    each connection resumes the session of the one before by its ticket (as wrk does:
+    a PSK handshake with a new X25519 exchange, no certificate or signature); with 0
+    every handshake is a full one (ECDSA P-256 signature). Returns how many got a whole
+    200 response."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    req = (f"GET /small HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+           "Connection: close\r\n\r\n").encode()
+    ok, session = 0, None
+    for _ in range(n):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+                with ctx.wrap_socket(raw, server_hostname="localhost",
+                                     session=session if CALLGRIND_TLS_RESUME else None) as s:
+                    s.sendall(req)
+                    got = b""
+                    while True:
+                        try:
+                            chunk = s.recv(4096)
+                        except ssl.SSLZeroReturnError:
+                            break
+                        if not chunk:
+                            break
+                        got += chunk
+                    if s.session is not None:
+                        session = s.session
+            if got.startswith(b"HTTP/1.1 200") and got.endswith(SMALL_BODY.encode()):
+                ok += 1
+        except (OSError, ssl.SSLError):
+            pass
+    return ok
+
+
+def callgrind_tlsnew(proc, port, outfile):
+    """Instructions per HTTPS request with a new connection (and TLS 1.3 handshake) each,
+    after a warm-up."""
+    tls_requests(port, 200)
+    subprocess.run(["callgrind_control", "-z", str(proc.worker())], capture_output=True,
+                   timeout=60, check=True)
+    done = tls_requests(port, CALLGRIND_CONNS)
+    subprocess.run(["callgrind_control", "-d", str(proc.worker())], capture_output=True,
+                   timeout=60, check=True)
+    return callgrind_total(outfile), done
+
+
 def callgrind_newconn(proc, port, outfile):
     """Instructions per request with a new connection each, after a warm-up."""
     close_requests(port, 200)
@@ -508,8 +584,9 @@ def callgrind_total(outfile):
 def build():
     ours = os.environ.get("PROXY_BIN")
     tls = os.environ.get("TLS_PROXY_BIN")
-    if not ours or not tls:
+    if not ours:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "proxy-bin"], cwd=ROOT, check=True)
+    if TLS_SIDE == "example" and not tls:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "benches", "--example",
                         "load_tls_proxy"], cwd=ROOT, check=True)
     return (ours or os.path.join(ROOT, "target/release/proxy"),
@@ -520,9 +597,12 @@ def main():
     args = sys.argv[1:]
     cg = "--callgrind" in args
     # `--callgrind newconn`: a new connection per request instead of keep-alive.
-    cg_mode = "newconn" if cg and "newconn" in args else "small"
+    cg_mode = "small"
+    for mode in ("newconn", "tlsnew"):
+        if cg and mode in args:
+            cg_mode = mode
     need(["nginx", "wrk", "openssl", "taskset"], "apt-get install -y nginx wrk openssl util-linux")
-    if cg and cg_mode == "newconn":
+    if cg and cg_mode in ("newconn", "tlsnew"):
         need(["valgrind", "callgrind_control"], "apt-get install -y valgrind")
     elif cg:
         need(["valgrind", "callgrind_control", "h2load"],
@@ -564,7 +644,8 @@ def main():
             # tikv-jemallocator reads its options from _RJEM_MALLOC_CONF.
             ours_env = dict(ours_env or os.environ, _RJEM_MALLOC_CONF=CALLGRIND_MALLOC_CONF)
         ours = Proc("ours", (vg + [f"--callgrind-out-file={ours_out}.%p"] if cg else []) +
-                    [ours_bin, "run", "-c", conf("ours.toml", ours_conf(ours_p, up))], PROXY_CPU, log,
+                    [ours_bin, "run", "-c", conf("ours.toml", ours_conf(ours_p, up, ours_tls, cert, key))],
+                    PROXY_CPU, log,
                     ours_env)
         procs.append(ours)
         ngx = Proc("nginx", (vg + [f"--callgrind-out-file={ngx_out}.%p"] if cg else []) +
@@ -575,19 +656,33 @@ def main():
         wait_port(ours_p, 120 if cg else 20)
         wait_port(ngx_p, 120 if cg else 20)
         if cg:
-            count = callgrind_newconn if cg_mode == "newconn" else callgrind_count
-            a, an = count(ours, ours_p, ours_out)
-            b, bn = count(ngx, ngx_p, ngx_out)
-            what = "new connection per request" if cg_mode == "newconn" else "small keep-alive"
+            if cg_mode == "tlsnew":
+                wait_port(ours_tls, 120)
+                wait_port(ngx_tls, 120)
+                a, an = callgrind_tlsnew(ours, ours_tls, ours_out)
+                b, bn = callgrind_tlsnew(ngx, ngx_tls, ngx_out)
+            else:
+                count = callgrind_newconn if cg_mode == "newconn" else callgrind_count
+                a, an = count(ours, ours_p, ours_out)
+                b, bn = count(ngx, ngx_p, ngx_out)
+            what = {"newconn": "new connection per request", "small": "small keep-alive",
+                    "tlsnew": "new TLS 1.3 connection per request" +
+                    (" (resumed, as wrk)" if CALLGRIND_TLS_RESUME else " (full handshake)")
+                    }[cg_mode]
             print(f"\n| callgrind, {what} | instructions/request | requests |")
             print("|---|---:|---:|")
             print(f"| ours | {a / max(an, 1):.0f} | {an} |")
             print(f"| nginx | {b / max(bn, 1):.0f} | {bn} |")
             print(f"| **ours/nginx** | {ratio(a / max(an, 1), b / max(bn, 1))} | |")
             return
-        tls = Proc("ours-tls", [tls_bin, f"127.0.0.1:{ours_tls}", f"127.0.0.1:{up}", cert, key,
-                                str(WORKERS)], PROXY_CPU, log)
-        procs.append(tls)
+        if TLS_SIDE == "example":
+            # The example listens on its own port; the binary's TLS listener goes unused.
+            ours_tls = free_port()
+            tls = Proc("ours-tls", [tls_bin, f"127.0.0.1:{ours_tls}", f"127.0.0.1:{up}", cert,
+                                    key, str(WORKERS)], PROXY_CPU, log)
+            procs.append(tls)
+        else:
+            tls = ours
         wait_port(ours_tls)
         # Warm-up: pools filled, pages touched, on both sides.
         for p in (ours_p, ngx_p):

@@ -1,7 +1,9 @@
-//! Our side of the HTTPS scenarios of the load comparison: the same stack as the `proxy`
-//! binary (server → router → location `/` → pooled [`Forward`]) behind proxy-tls's
-//! acceptor. The binary's TOML has no TLS keys yet; once it has, the script can use the
-//! binary for these scenarios too.
+//! The HTTPS scenarios of the load comparison without the binary's layers
+//! (`TLS_SIDE=example`; by default compare.py measures the `proxy` binary's TLS
+//! listener): server → router → location `/` → pooled [`Forward`] behind proxy-tls's
+//! acceptor. Like the binary, it serves from a task of the runtime (not from `block_on`'s
+//! thread, which would hand every accepted connection to the worker across threads) and
+//! allocates with jemalloc.
 //!
 //! Usage: `load_tls_proxy LISTEN UPSTREAM CERT KEY WORKERS`. Stops on SIGTERM/SIGINT.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,6 +16,9 @@ use proxy_core::server::{HttpConfig, ListenConfig, Server};
 use proxy_core::upstream::{ClientConfig, Forward, UpstreamClient};
 use proxy_tls::reload::Reloader;
 use proxy_tls::{CertStore, TlsAcceptor};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,11 +59,13 @@ fn main() {
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
-        Server::new(listener)
+        let server = Server::new(listener)
             .with_acceptor(acceptor, Scheme::Https)
             .config(http)
-            .serve(router, stop)
+            .serve(router, stop);
+        tokio::spawn(server)
             .await
+            .expect("server task")
             .expect("serve");
     });
 }

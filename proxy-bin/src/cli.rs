@@ -174,12 +174,105 @@ fn one_line(listen: Option<SocketAddr>, upstreams: &[SocketAddr]) -> Source {
 }
 
 fn init_logs(level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(std::env::var("RUST_LOG").ok().as_deref(), level))
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// The log filter: RUST_LOG if set and valid, else `--log-level`, else `info`.
+///
+/// At `info` and quieter, rustls' own warnings are left out unless the filter names
+/// rustls: they are about what a peer sent (an IP address as SNI, as wrk and some
+/// scanners send, on every connection; a bad record) and would write a line per
+/// connection that any client can trigger. nginx logs such client errors at `info`;
+/// failed handshakes are still counted and logged at debug by the acceptor.
+/// `info,rustls=warn` brings them back.
+fn log_filter(env: Option<&str>, level: &str) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::EnvFilter;
+    let (filter, text) = match env.map(|e| (EnvFilter::try_new(e), e)) {
+        Some((Ok(f), e)) => (f, e),
+        _ => match EnvFilter::try_new(level) {
+            Ok(f) => (f, level),
+            Err(_) => (EnvFilter::new("info"), "info"),
+        },
+    };
+    let quiet = filter
+        .max_level_hint()
+        .is_some_and(|max| max <= LevelFilter::INFO);
+    if quiet && !text.contains("rustls") {
+        if let Ok(d) = "rustls=error".parse() {
+            return filter.add_directive(d);
+        }
+    }
+    filter
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod log_tests {
+    use super::log_filter;
+    use std::sync::{Arc, Mutex};
+
+    /// What the binary's subscriber would print for a rustls warning and one of ours.
+    fn printed(env: Option<&str>, level: &str) -> String {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(log_filter(env, level))
+            .with_ansi(false)
+            .with_writer(move || WriteTo(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension");
+            tracing::warn!(target: "proxy::run", "ours");
+            tracing::debug!(target: "rustls::server::hs", "rustls debug");
+        });
+        let bytes = out.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    struct WriteTo(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for WriteTo {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn rustls_peer_warnings_are_left_out_at_info() {
+        let out = printed(None, "info");
+        assert!(out.contains("ours"), "{out}");
+        assert!(!out.contains("Illegal SNI"), "{out}");
+        let out = printed(None, "warn");
+        assert!(
+            out.contains("ours") && !out.contains("Illegal SNI"),
+            "{out}"
+        );
+        // RUST_LOG wins, with the same rule.
+        let out = printed(Some("info"), "debug");
+        assert!(
+            !out.contains("Illegal SNI") && !out.contains("rustls debug"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn naming_rustls_or_debugging_shows_them() {
+        let out = printed(None, "info,rustls=warn");
+        assert!(out.contains("Illegal SNI") && out.contains("ours"), "{out}");
+        let out = printed(None, "debug");
+        assert!(
+            out.contains("Illegal SNI") && out.contains("rustls debug"),
+            "{out}"
+        );
+        let out = printed(Some("rustls=debug"), "info");
+        assert!(out.contains("rustls debug"), "{out}");
+    }
 }

@@ -38,6 +38,7 @@ pub mod ocsp;
 pub mod policy;
 pub mod redirect;
 pub mod reload;
+mod rng;
 pub mod selfsigned;
 pub mod sni;
 mod tickets;
