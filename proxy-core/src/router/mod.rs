@@ -173,15 +173,34 @@ impl std::fmt::Display for RouterError {
 impl std::error::Error for RouterError {}
 
 /// Builds a [`Router`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RouterBuilder {
     servers: Vec<VirtualServer>,
+    route_info: bool,
+}
+
+impl Default for RouterBuilder {
+    fn default() -> Self {
+        RouterBuilder {
+            servers: Vec::new(),
+            route_info: true,
+        }
+    }
 }
 
 impl RouterBuilder {
     /// Add a virtual server.
     pub fn server(mut self, server: VirtualServer) -> Self {
         self.servers.push(server);
+        self
+    }
+
+    /// Whether each routed request carries its [`Route`] (an `Arc<Route>` request
+    /// extension), which only access logs and metrics read. Default on; a router whose
+    /// locations have neither can turn it off and save an extension insert (and its
+    /// allocation) per request.
+    pub fn route_info(mut self, on: bool) -> Self {
+        self.route_info = on;
         self
     }
 
@@ -232,6 +251,7 @@ impl RouterBuilder {
                 servers: compiled,
                 exact,
                 default,
+                route_info: self.route_info,
             }),
         })
     }
@@ -262,6 +282,8 @@ struct Inner {
     servers: Vec<CompiledServer>,
     exact: HashMap<String, usize>,
     default: usize,
+    /// Whether routed requests get their `Arc<Route>` extension.
+    route_info: bool,
 }
 
 /// The routing service. Cheap to clone; clones share the compiled tables.
@@ -451,7 +473,9 @@ impl tower_service::Service<Request> for Router {
     fn call(&mut self, mut req: Request) -> RouteFuture {
         match self.route(&mut req) {
             Ok((svc, route)) => {
-                req.extensions_mut().insert(Arc::clone(route));
+                if self.inner.route_info {
+                    req.extensions_mut().insert(Arc::clone(route));
+                }
                 futures_like::Either::Call { fut: svc.call(req) }
             }
             Err(refusal) => futures_like::Either::Ready {
