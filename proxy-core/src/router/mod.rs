@@ -484,3 +484,44 @@ impl tower_service::Service<Request> for Router {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests may unwrap.
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    /// What the location saw: whether the request carried its route.
+    async fn route_seen(route_info: Option<bool>) -> String {
+        let echo = tower::service_fn(|req: Request| async move {
+            let seen = req
+                .extensions()
+                .get::<Arc<Route>>()
+                .map(|r| r.location.to_string());
+            Ok::<_, Infallible>(Response::new(crate::body::ProxyBody::from(
+                seen.unwrap_or_else(|| "none".to_owned()),
+            )))
+        });
+        let mut b = Router::builder().server(
+            VirtualServer::new([]).location(Location::new(Pattern::parse("/").unwrap(), echo)),
+        );
+        if let Some(on) = route_info {
+            b = b.route_info(on);
+        }
+        let req = http::Request::get("/x")
+            .header(HOST, "example.com")
+            .body(Default::default())
+            .unwrap();
+        let resp = b.build().unwrap().oneshot(req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_route_is_an_extension_unless_turned_off() {
+        assert_eq!(route_seen(None).await, "/");
+        assert_eq!(route_seen(Some(true)).await, "/");
+        assert_eq!(route_seen(Some(false)).await, "none");
+    }
+}

@@ -432,6 +432,68 @@ mod tests {
         assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
+    /// A reused connection's timer, moved to a later deadline, fires at that deadline
+    /// (not at the earlier one it was registered for), and a deadline earlier than the
+    /// registered one still fires on time.
+    #[tokio::test(start_paused = true)]
+    async fn a_reused_connection_times_out_at_its_own_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    // The first request on a connection is answered, the others never.
+                    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        async move {
+                            if n > 0 {
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                            }
+                            Ok::<_, Infallible>(http::Response::new(ProxyBody::from("ok")))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let pool = Arc::new(Pool::new(
+            4,
+            Duration::from_secs(600),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        ));
+        let ep = endpoint(&pool, addr);
+        for (first, second) in [(10, 11), (10, 5)] {
+            use http_body_util::BodyExt;
+            let req = http::Request::get("/").body(ProxyBody::empty()).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(first);
+            let resp = pool.send(&ep, req, deadline).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+            idle_becomes(&ep, 1).await;
+            let start = Instant::now();
+            let req = http::Request::get("/").body(ProxyBody::empty()).unwrap();
+            let sent = pool
+                .send(&ep, req, start + Duration::from_secs(second))
+                .await;
+            assert!(matches!(sent, Err(SendError::Timeout)), "{sent:?}");
+            let waited = start.elapsed();
+            let due = Duration::from_secs(second);
+            assert!(
+                waited >= due && waited < due + Duration::from_millis(10),
+                "{waited:?}"
+            );
+        }
+        // Each round reused the connection of its first request.
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn connect_refused_is_a_connect_error() {
         let addr: SocketAddr = {
