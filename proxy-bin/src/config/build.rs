@@ -147,6 +147,8 @@ pub async fn build(
 
     // Listen address → everything on it, in file order.
     let mut by_addr: Vec<AddrPlan> = Vec::new();
+    // Whether any location logs: the router then gives each request its route.
+    let logs_routes = std::cell::Cell::new(false);
     for (si, server) in config.server.iter().enumerate() {
         let key = format!("server[{si}]");
         let ctx = super::location::Ctx {
@@ -158,6 +160,7 @@ pub async fn build(
             zones: &zones,
             shared: &mut *shared,
             default_log: default_log.clone(),
+            logs_routes: &logs_routes,
         };
         let vs = build_server(ctx, &key, &mut errs);
         if server.listen.is_empty() {
@@ -209,7 +212,8 @@ pub async fn build(
     let mut listeners = Vec::new();
     let mut acme = Vec::new();
     for p in by_addr {
-        let mut b = Router::builder();
+        // The route is read only by access logs and metrics.
+        let mut b = Router::builder().route_info(logs_routes.get() || shared.metrics.is_some());
         for (_, s) in &p.servers {
             b = b.server(s.clone());
         }

@@ -70,6 +70,8 @@ pub(super) struct Ctx<'a, 's> {
     pub(super) zones: &'a Zones,
     pub(super) shared: &'s mut Shared,
     pub(super) default_log: Option<AccessLogWriter>,
+    /// Set when a location has an access log (which reads each request's route).
+    pub(super) logs_routes: &'a std::cell::Cell<bool>,
 }
 
 /// A setting of the location, or else of its server.
@@ -128,6 +130,9 @@ pub(super) fn build(
     let (limit_req, redis_limit_req) = limit_req(ctx, key, loc, errs);
     let limit_conn = limit_conn(ctx, key, loc, errs);
     let log = access_log(ctx, key, loc, errs);
+    if log.is_some() {
+        ctx.logs_routes.set(true);
+    }
     if errs.len() > before {
         return None;
     }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -228,12 +228,22 @@ fn read_ready(body: &mut ProxyBody, memory: usize, cx: &mut Context<'_>) -> Earl
 }
 
 fn buffer(mut resp: Response, config: &Arc<Config>, cx: &mut Context<'_>) -> Response {
-    let off = resp
-        .headers_mut()
-        .remove(X_ACCEL_BUFFERING)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
-    if off
-        || is_event_stream(resp.headers())
+    // One pass over the names (compares, no hashing) finds the two headers read here;
+    // `X-Accel-Buffering` (rare) is removed only when present. The first value of each
+    // counts, as `remove` and `get` would return it.
+    let (mut accel, mut content_type) = (None, None);
+    for (name, value) in resp.headers() {
+        if content_type.is_none() && name == CONTENT_TYPE {
+            content_type = Some(is_event_stream(value));
+        } else if accel.is_none() && name == X_ACCEL_BUFFERING {
+            accel = Some(value.as_bytes().eq_ignore_ascii_case(b"no"));
+        }
+    }
+    if accel.is_some() {
+        resp.headers_mut().remove(X_ACCEL_BUFFERING);
+    }
+    if accel == Some(true)
+        || content_type == Some(true)
         || resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || resp.body().is_end_stream()
     {
@@ -340,14 +350,13 @@ impl Body for MemoryBody {
     }
 }
 
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        let essence = v.split(|b| *b == b';').next().unwrap_or(v);
-        essence
-            .trim_ascii()
-            .eq_ignore_ascii_case(b"text/event-stream")
-    })
+/// Whether a `Content-Type` value is `text/event-stream` (parameters ignored).
+fn is_event_stream(value: &HeaderValue) -> bool {
+    let v = value.as_bytes();
+    let essence = v.split(|b| *b == b';').next().unwrap_or(v);
+    essence
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"text/event-stream")
 }
 
 /// What the filling task and the client's body share. One per buffered response; the

@@ -173,15 +173,34 @@ impl std::fmt::Display for RouterError {
 impl std::error::Error for RouterError {}
 
 /// Builds a [`Router`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RouterBuilder {
     servers: Vec<VirtualServer>,
+    route_info: bool,
+}
+
+impl Default for RouterBuilder {
+    fn default() -> Self {
+        RouterBuilder {
+            servers: Vec::new(),
+            route_info: true,
+        }
+    }
 }
 
 impl RouterBuilder {
     /// Add a virtual server.
     pub fn server(mut self, server: VirtualServer) -> Self {
         self.servers.push(server);
+        self
+    }
+
+    /// Whether each routed request carries its [`Route`] (an `Arc<Route>` request
+    /// extension), which only access logs and metrics read. Default on; a router whose
+    /// locations have neither can turn it off and save an extension insert (and its
+    /// allocation) per request.
+    pub fn route_info(mut self, on: bool) -> Self {
+        self.route_info = on;
         self
     }
 
@@ -232,6 +251,7 @@ impl RouterBuilder {
                 servers: compiled,
                 exact,
                 default,
+                route_info: self.route_info,
             }),
         })
     }
@@ -262,6 +282,8 @@ struct Inner {
     servers: Vec<CompiledServer>,
     exact: HashMap<String, usize>,
     default: usize,
+    /// Whether routed requests get their `Arc<Route>` extension.
+    route_info: bool,
 }
 
 /// The routing service. Cheap to clone; clones share the compiled tables.
@@ -451,12 +473,55 @@ impl tower_service::Service<Request> for Router {
     fn call(&mut self, mut req: Request) -> RouteFuture {
         match self.route(&mut req) {
             Ok((svc, route)) => {
-                req.extensions_mut().insert(Arc::clone(route));
+                if self.inner.route_info {
+                    req.extensions_mut().insert(Arc::clone(route));
+                }
                 futures_like::Either::Call { fut: svc.call(req) }
             }
             Err(refusal) => futures_like::Either::Ready {
                 resp: Some(refusal.response()),
             },
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests may unwrap.
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    /// What the location saw: whether the request carried its route.
+    async fn route_seen(route_info: Option<bool>) -> String {
+        let echo = tower::service_fn(|req: Request| async move {
+            let seen = req
+                .extensions()
+                .get::<Arc<Route>>()
+                .map(|r| r.location.to_string());
+            Ok::<_, Infallible>(Response::new(crate::body::ProxyBody::from(
+                seen.unwrap_or_else(|| "none".to_owned()),
+            )))
+        });
+        let mut b = Router::builder().server(
+            VirtualServer::new([]).location(Location::new(Pattern::parse("/").unwrap(), echo)),
+        );
+        if let Some(on) = route_info {
+            b = b.route_info(on);
+        }
+        let req = http::Request::get("/x")
+            .header(HOST, "example.com")
+            .body(Default::default())
+            .unwrap();
+        let resp = b.build().unwrap().oneshot(req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_route_is_an_extension_unless_turned_off() {
+        assert_eq!(route_seen(None).await, "/");
+        assert_eq!(route_seen(Some(true)).await, "/");
+        assert_eq!(route_seen(Some(false)).await, "none");
     }
 }

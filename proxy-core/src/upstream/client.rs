@@ -136,11 +136,14 @@ impl UpstreamClient {
         };
         let retry = retry_template(&req);
         let started = tokio::time::Instant::now();
-        let first = self.send_once(endpoint, req, timeouts.read_timeout).await;
+        let first = self
+            .send_once(endpoint, req, deadline_from(started, timeouts.read_timeout))
+            .await;
         let resp = match (first, retry) {
             (Err(e), Some(again)) if is_stale_connection(&e) => {
                 tracing::debug!(%addr, error = ?e, "retrying on a fresh upstream connection");
-                self.send_once(endpoint, again.into_request(), timeouts.read_timeout)
+                let deadline = deadline_from(tokio::time::Instant::now(), timeouts.read_timeout);
+                self.send_once(endpoint, again.into_request(), deadline)
                     .await
                     .map_err(map_error)?
             }
@@ -180,15 +183,18 @@ impl UpstreamClient {
         Ok(resp)
     }
 
+    /// One exchange, the response header due by `deadline` (`proxy_read_timeout` from
+    /// the send; the pool watches it with the connection's own timer).
     async fn send_once(
         &self,
         endpoint: &Arc<Endpoint>,
         req: Request,
-        read_timeout: Duration,
+        deadline: tokio::time::Instant,
     ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
-        match tokio::time::timeout(read_timeout, self.pool.send(endpoint, req)).await {
-            Ok(r) => r.map_err(ClientError::Send),
-            Err(_) => Err(ClientError::Timeout),
+        match self.pool.send(endpoint, req, deadline).await {
+            Ok(resp) => Ok(resp),
+            Err(SendError::Timeout) => Err(ClientError::Timeout),
+            Err(e) => Err(ClientError::Send(e)),
         }
     }
 
@@ -289,6 +295,13 @@ enum Upgrade {
     Extended,
 }
 
+/// `start + timeout`, saturating far in the future instead of overflowing.
+fn deadline_from(start: tokio::time::Instant, timeout: Duration) -> tokio::time::Instant {
+    start
+        .checked_add(timeout)
+        .unwrap_or_else(|| start + Duration::from_secs(60 * 60 * 24 * 365 * 30))
+}
+
 /// `IP:PORT` as a URI authority (the upstream client's pool key).
 pub(crate) fn authority_of(addr: SocketAddr) -> Result<Authority, Error> {
     Authority::try_from(addr.to_string()).map_err(|e| Error::with_source(Kind::Internal, e))
@@ -384,6 +397,8 @@ fn map_error(e: ClientError) -> Error {
             return Error::with_source(kind, io);
         }
         ClientError::Send(SendError::Http(error)) => error,
+        // `send_once` reports it as `ClientError::Timeout`.
+        ClientError::Send(SendError::Timeout) => return Error::new(Kind::UpstreamTimeout),
     };
     // The client's own body failing while we stream it up is the client's fault, never
     // the upstream's (a passive health check must not count it): keep the body's kind

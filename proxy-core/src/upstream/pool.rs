@@ -9,14 +9,17 @@
 //! back when hyper says it is ready for the next request.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use http::uri::Authority;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::body::ProxyBody;
 
@@ -29,6 +32,8 @@ pub(crate) enum SendError {
     ConnectTimeout,
     /// The HTTP exchange failed.
     Http(hyper::Error),
+    /// No response header before the deadline.
+    Timeout,
 }
 
 /// Idle connections per upstream address, shared by every clone of the client.
@@ -56,6 +61,9 @@ pub(crate) struct Endpoint {
 struct Idle {
     sender: http1::SendRequest<ProxyBody>,
     since: Instant,
+    /// The connection's response-header timer (see [`Pool::send`]), still registered
+    /// at its last request's deadline; dropped (deregistered) with the connection.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Pool {
@@ -107,21 +115,36 @@ impl Pool {
             .clone())
     }
 
-    /// Send `req` on an idle connection of `ep`, or a new one. A request that an idle
-    /// connection refused before writing any of it (the connection was closing) is sent
-    /// again on the next one, as the legacy client's `retry_canceled_requests` did.
+    /// Send `req` on an idle connection of `ep`, or a new one, and wait for the response
+    /// header until `deadline` (nginx's `proxy_read_timeout`; [`SendError::Timeout`]
+    /// after it). A request that an idle connection refused before writing any of it
+    /// (the connection was closing) is sent again on the next one, as the legacy
+    /// client's `retry_canceled_requests` did.
+    ///
+    /// The deadline is watched by the connection's own timer, which stays registered
+    /// with tokio's timer while the connection is pooled: for the next request it is
+    /// only moved later (`Sleep::reset` of a registered timer to a later deadline is one
+    /// atomic compare-and-swap), instead of a timer registered and removed per request.
     pub(crate) async fn send(
         self: &Arc<Self>,
         ep: &Arc<Endpoint>,
         mut req: http::Request<ProxyBody>,
+        deadline: Instant,
     ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
-        while let Some(mut sender) = self.checkout(ep) {
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    self.release(ep, sender);
+        while let Some(Idle {
+            mut sender,
+            mut timer,
+            ..
+        }) = self.checkout(ep)
+        {
+            timer.as_mut().reset(deadline);
+            match until(&mut timer, sender.try_send_request(req)).await {
+                None => return Err(SendError::Timeout),
+                Some(Ok(resp)) => {
+                    self.release(ep, sender, timer);
                     return Ok(resp);
                 }
-                Err(mut e) => match e.take_message() {
+                Some(Err(mut e)) => match e.take_message() {
                     Some(back) => req = back,
                     None => {
                         return Err(SendError::Http(e.into_error()));
@@ -129,23 +152,28 @@ impl Pool {
                 },
             }
         }
-        let mut sender = self.connect(ep.addr).await?;
-        match sender.send_request(req).await {
-            Ok(resp) => {
-                self.release(ep, sender);
+        let mut timer = Box::pin(tokio::time::sleep_until(deadline));
+        let mut sender = match until(&mut timer, self.connect(ep.addr)).await {
+            None => return Err(SendError::Timeout),
+            Some(sender) => sender?,
+        };
+        match until(&mut timer, sender.send_request(req)).await {
+            None => Err(SendError::Timeout),
+            Some(Ok(resp)) => {
+                self.release(ep, sender, timer);
                 Ok(resp)
             }
-            Err(error) => Err(SendError::Http(error)),
+            Some(Err(error)) => Err(SendError::Http(error)),
         }
     }
 
     /// The most recently used idle connection that is still open and not past the idle
     /// timeout (those are dropped, which closes them).
-    fn checkout(&self, ep: &Endpoint) -> Option<http1::SendRequest<ProxyBody>> {
+    fn checkout(&self, ep: &Endpoint) -> Option<Idle> {
         let mut idle = ep.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(i) = idle.pop() {
             if i.since.elapsed() < self.idle_timeout && i.sender.is_ready() {
-                return Some(i.sender);
+                return Some(i);
             }
         }
         None
@@ -153,12 +181,17 @@ impl Pool {
 
     /// Return `sender` to the idle list once hyper can take the next request on it,
     /// which is when the response body has been read to its end.
-    fn release(self: &Arc<Self>, ep: &Arc<Endpoint>, mut sender: http1::SendRequest<ProxyBody>) {
+    fn release(
+        self: &Arc<Self>,
+        ep: &Arc<Endpoint>,
+        mut sender: http1::SendRequest<ProxyBody>,
+        timer: Pin<Box<Sleep>>,
+    ) {
         if self.max_idle == 0 {
             return;
         }
         if sender.is_ready() {
-            self.put(ep, sender);
+            self.put(ep, sender, timer);
             return;
         }
         // The body is still streaming (or the connection was upgraded or will close):
@@ -166,12 +199,17 @@ impl Pool {
         let (pool, ep) = (self.clone(), ep.clone());
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
-                pool.put(&ep, sender);
+                pool.put(&ep, sender, timer);
             }
         });
     }
 
-    fn put(&self, ep: &Arc<Endpoint>, sender: http1::SendRequest<ProxyBody>) {
+    fn put(
+        &self,
+        ep: &Arc<Endpoint>,
+        sender: http1::SendRequest<ProxyBody>,
+        timer: Pin<Box<Sleep>>,
+    ) {
         {
             let mut idle = ep.idle.lock().unwrap_or_else(PoisonError::into_inner);
             if idle.len() >= self.max_idle {
@@ -181,6 +219,7 @@ impl Pool {
             idle.push(Idle {
                 sender,
                 since: Instant::now(),
+                timer,
             });
         }
         self.reap(ep);
@@ -247,6 +286,19 @@ impl Pool {
     }
 }
 
+/// `fut`'s output, or `None` when `timer` fires first (`fut` is polled first, as
+/// `tokio::time::timeout` does).
+async fn until<F: Future>(timer: &mut Pin<Box<Sleep>>, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
 impl Endpoint {
     /// The address's URI authority (`IP:PORT`).
     pub(crate) fn authority(&self) -> &Authority {
@@ -298,9 +350,14 @@ mod tests {
     async fn get(pool: &Arc<Pool>, ep: &Arc<Endpoint>) {
         use http_body_util::BodyExt;
         let req = http::Request::get("/").body(ProxyBody::empty()).unwrap();
-        let resp = pool.send(ep, req).await.unwrap();
+        let resp = pool.send(ep, req, far()).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
+    }
+
+    /// A deadline no test reaches.
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
     }
 
     fn endpoint(pool: &Pool, addr: SocketAddr) -> Arc<Endpoint> {
@@ -375,6 +432,68 @@ mod tests {
         assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
+    /// A reused connection's timer, moved to a later deadline, fires at that deadline
+    /// (not at the earlier one it was registered for), and a deadline earlier than the
+    /// registered one still fires on time.
+    #[tokio::test(start_paused = true)]
+    async fn a_reused_connection_times_out_at_its_own_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    // The first request on a connection is answered, the others never.
+                    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        async move {
+                            if n > 0 {
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                            }
+                            Ok::<_, Infallible>(http::Response::new(ProxyBody::from("ok")))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let pool = Arc::new(Pool::new(
+            4,
+            Duration::from_secs(600),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        ));
+        let ep = endpoint(&pool, addr);
+        for (first, second) in [(10, 11), (10, 5)] {
+            use http_body_util::BodyExt;
+            let req = http::Request::get("/").body(ProxyBody::empty()).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(first);
+            let resp = pool.send(&ep, req, deadline).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+            idle_becomes(&ep, 1).await;
+            let start = Instant::now();
+            let req = http::Request::get("/").body(ProxyBody::empty()).unwrap();
+            let sent = pool
+                .send(&ep, req, start + Duration::from_secs(second))
+                .await;
+            assert!(matches!(sent, Err(SendError::Timeout)), "{sent:?}");
+            let waited = start.elapsed();
+            let due = Duration::from_secs(second);
+            assert!(
+                waited >= due && waited < due + Duration::from_millis(10),
+                "{waited:?}"
+            );
+        }
+        // Each round reused the connection of its first request.
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn connect_refused_is_a_connect_error() {
         let addr: SocketAddr = {
@@ -390,7 +509,7 @@ mod tests {
         let ep = endpoint(&pool, addr);
         let req = http::Request::get("/").body(ProxyBody::empty()).unwrap();
         assert!(matches!(
-            pool.send(&ep, req).await,
+            pool.send(&ep, req, far()).await,
             Err(SendError::Connect(_))
         ));
     }
