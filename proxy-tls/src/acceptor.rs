@@ -276,8 +276,8 @@ impl TlsAcceptorBuilder {
     }
 
     /// How long a session can be resumed, by ticket or from the cache (nginx's
-    /// `ssl_session_timeout`). `None` (the default): rustls' ticket lifetimes (keys rotate
-    /// every 6 hours, tickets live 12 hours), and cache entries evicted by size only.
+    /// `ssl_session_timeout`). `None` (the default): rustls' ticketer, whose keys rotate
+    /// every 6 hours (tickets live 12 hours), and cache entries evicted by size only.
     pub fn session_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.session_timeout = timeout;
         self
@@ -325,12 +325,8 @@ impl TlsAcceptorBuilder {
                 ));
             }
         }
-        // ring's provider, with random bytes from a per-thread buffer (crate::rng): the
-        // same kernel randomness as ring's, without a system call for each of the seven
-        // requests of a TLS 1.3 handshake.
         let provider = Arc::new(rustls::crypto::CryptoProvider {
             cipher_suites: suites,
-            secure_random: &crate::rng::RANDOM,
             ..rustls::crypto::ring::default_provider()
         });
         let versions: Vec<&'static rustls::SupportedProtocolVersion> =
@@ -352,10 +348,11 @@ impl TlsAcceptorBuilder {
             (n, Some(t)) => crate::tickets::TimedSessions::new(n, t),
         };
         if self.session_tickets {
-            config.ticketer = crate::tickets::ticketer(
-                self.session_timeout
-                    .unwrap_or(crate::tickets::DEFAULT_TICKET_LIFETIME),
-            )?;
+            config.ticketer = match self.session_timeout {
+                None => rustls::crypto::ring::Ticketer::new()
+                    .map_err(|e| Error::with_source(Kind::Config, e))?,
+                Some(t) => crate::tickets::ticketer(t)?,
+            };
         }
         let settings = Settings {
             config: Arc::new(config),

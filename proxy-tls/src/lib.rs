@@ -38,7 +38,6 @@ pub mod ocsp;
 pub mod policy;
 pub mod redirect;
 pub mod reload;
-mod rng;
 pub mod selfsigned;
 pub mod sni;
 mod tickets;

@@ -5,9 +5,7 @@
 //! rotate every 6 h, tickets live 12 h) and its inner AEAD ticketer is private, so a
 //! configurable lifetime needs our own: [`TicketRotator`] (rustls' rotation, public)
 //! over [`AeadTickets`], a ChaCha20-Poly1305 ticket sealer with a random key, the same
-//! construction as rustls' own. It is also the default ([`DEFAULT_TICKET_LIFETIME`],
-//! rustls' 12 h): its per-ticket nonce comes from [`crate::rng`] rather than a
-//! `getrandom` system call per ticket. The rotator makes a new key every `timeout / 2` and keeps
+//! construction as rustls' own. The rotator makes a new key every `timeout / 2` and keeps
 //! the previous one, so a ticket is accepted for at most `timeout` and at least
 //! `timeout / 2`, and the lifetime hint sent to clients is `timeout`.
 //!
@@ -27,10 +25,6 @@ use rustls::ticketer::TicketRotator;
 use crate::error::{Error, Kind};
 
 const KEY_NAME_LEN: usize = 16;
-
-/// Ticket lifetime without a session timeout: rustls' own ticketer's (keys rotated every
-/// 6 hours, tickets accepted for 12).
-pub(crate) const DEFAULT_TICKET_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 const NONCE_LEN: usize = 12;
 
 /// Seals tickets with one random ChaCha20-Poly1305 key; the rotator replaces it.
@@ -68,7 +62,7 @@ impl ProducesTickets for AeadTickets {
     /// `key_name || nonce || ciphertext || tag`, the key name authenticated as AAD.
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
-        crate::rng::fill(&mut nonce).ok()?;
+        SystemRandom::new().fill(&mut nonce).ok()?;
         let mut out = Vec::with_capacity(KEY_NAME_LEN + NONCE_LEN + plain.len() + 16);
         out.extend_from_slice(&self.key_name);
         out.extend_from_slice(&nonce);
