@@ -544,27 +544,26 @@ def tls_requests(port, n):
     return ok
 
 
-def callgrind_tlsnew(proc, port, outfile):
-    """Instructions per HTTPS request with a new connection (and TLS 1.3 handshake) each,
-    after a warm-up."""
-    tls_requests(port, 200)
+def callgrind_warmed(proc, outfile, run):
+    """Instructions over `run(CALLGRIND_CONNS)` after `run(200)` as a warm-up (callgrind's
+    counters zeroed between, dumped after); and how many requests succeeded."""
+    run(200)
     subprocess.run(["callgrind_control", "-z", str(proc.worker())], capture_output=True,
                    timeout=60, check=True)
-    done = tls_requests(port, CALLGRIND_CONNS)
+    done = run(CALLGRIND_CONNS)
     subprocess.run(["callgrind_control", "-d", str(proc.worker())], capture_output=True,
                    timeout=60, check=True)
     return callgrind_total(outfile), done
+
+
+def callgrind_tlsnew(proc, port, outfile):
+    """Instructions per HTTPS request with a new connection (and TLS 1.3 handshake) each."""
+    return callgrind_warmed(proc, outfile, lambda n: tls_requests(port, n))
 
 
 def callgrind_newconn(proc, port, outfile):
-    """Instructions per request with a new connection each, after a warm-up."""
-    close_requests(port, 200)
-    subprocess.run(["callgrind_control", "-z", str(proc.worker())], capture_output=True,
-                   timeout=60, check=True)
-    done = close_requests(port, CALLGRIND_CONNS)
-    subprocess.run(["callgrind_control", "-d", str(proc.worker())], capture_output=True,
-                   timeout=60, check=True)
-    return callgrind_total(outfile), done
+    """Instructions per request with a new connection each."""
+    return callgrind_warmed(proc, outfile, lambda n: close_requests(port, n))
 
 
 def callgrind_total(outfile):

@@ -45,10 +45,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::body::{Request, Response};
 use crate::server::adapter::{Adapter, ConnState};
 use crate::server::park_io::ParkIo;
-use crate::server::serve::{serve_auto, Shared};
+use crate::server::serve::{serve_auto, ConnService, Shared};
 use crate::server::{Accept, ServerStats};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
@@ -81,12 +80,7 @@ impl<'a, F: Future<Output = ()>> Parked<'a, F> {
     ) -> impl Future<Output = ()> + 'a
     where
         A: Accept,
-        S: tower_service::Service<Request, Response = Response, Error = std::convert::Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
+        S: ConnService,
     {
         async move {
             let config = &self.shared.config;
@@ -180,12 +174,7 @@ impl<'a, F: Future<Output = ()>> Parked<'a, F> {
     ) -> Served<Io>
     where
         Io: AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        S: tower_service::Service<Request, Response = Response, Error = std::convert::Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
+        S: ConnService,
     {
         let own_builder;
         let builder = match partial {

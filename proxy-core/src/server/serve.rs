@@ -244,6 +244,30 @@ impl<A: Accept> Server<A> {
     }
 }
 
+/// The service a connection serves, with the bounds hyper's connection and the
+/// connection task need of it (what [`Server::serve`] asks of its service).
+pub(crate) trait ConnService:
+    tower_service::Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> ConnService for T where
+    T: tower_service::Service<
+            Request,
+            Response = Response,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// What every connection of a server shares.
 pub(crate) struct Shared {
     /// HTTP/1.1 + HTTP/2 (TLS, h2c prior knowledge, streams that cannot park).
@@ -316,12 +340,7 @@ struct Connection<A, S> {
 impl<A, S> Connection<A, S>
 where
     A: Accept,
-    S: tower_service::Service<Request, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
 {
     /// The connection's task. Its size is what every connection costs while it waits
     /// (a parked keep-alive connection is this future and its socket), so it is written
@@ -383,12 +402,7 @@ pub(crate) async fn serve_auto<I, S, F>(
     stopping: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower_service::Service<Request, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
     F: Future<Output = ()>,
 {
     // Boxed (once per connection) so that the connection task of a parking connection

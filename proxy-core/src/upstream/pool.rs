@@ -326,6 +326,14 @@ mod tests {
 
     /// An upstream that answers every request `ok` and counts its connections.
     async fn upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        upstream_answering(usize::MAX).await
+    }
+
+    /// An upstream that answers the first `answered` requests of each connection `ok`
+    /// and never the later ones, and counts its connections.
+    async fn upstream_answering(
+        answered: usize,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -335,8 +343,15 @@ mod tests {
                 let (s, _) = listener.accept().await.unwrap();
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
-                        Ok::<_, Infallible>(http::Response::new(ProxyBody::from("ok")))
+                    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        async move {
+                            if n >= answered {
+                                std::future::pending::<()>().await;
+                            }
+                            Ok::<_, Infallible>(http::Response::new(ProxyBody::from("ok")))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(s), svc)
@@ -437,32 +452,8 @@ mod tests {
     /// registered one still fires on time.
     #[tokio::test(start_paused = true)]
     async fn a_reused_connection_times_out_at_its_own_deadline() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = conns.clone();
-        tokio::spawn(async move {
-            loop {
-                let (s, _) = listener.accept().await.unwrap();
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(async move {
-                    // The first request on a connection is answered, the others never.
-                    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                    let svc = hyper::service::service_fn(move |_req| {
-                        let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        async move {
-                            if n > 0 {
-                                tokio::time::sleep(Duration::from_secs(3600)).await;
-                            }
-                            Ok::<_, Infallible>(http::Response::new(ProxyBody::from("ok")))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
+        // The first request on a connection is answered, the others never.
+        let (addr, conns) = upstream_answering(1).await;
         let pool = Arc::new(Pool::new(
             4,
             Duration::from_secs(600),
