@@ -16,7 +16,9 @@ What it does:
     TLS 1.3 session tickets per handshake; TLS_SIDE=example measures the load_tls_proxy
     example instead, proxy-tls's stack without the binary's layers),
   * pins both proxies to CPU 0 and wrk, the upstream and the idle/slowloris clients to CPU 1,
-  * runs each scenario for a bounded time, ours then nginx, one after the other:
+  * runs each scenario for a bounded time, ours and nginx back to back, ROUNDS times
+    (who goes first alternates; the table has the medians, and the ratio row the median
+    of each round's own ratio):
       small     small keep-alive responses
       64k       64 KiB keep-alive responses
       newconn   a new connection per request (Connection: close)
@@ -44,6 +46,7 @@ What it does:
 
 Everything listens on 127.0.0.1 only, every client run is bounded in time, and every
 process it started is stopped when it ends. Environment: DURATION (seconds per run, 5),
+ROUNDS (runs of each load scenario per server, 3; idle runs once),
 CONNS (wrk connections, 50), IDLE_CONNS (5000), IDLE_SETTLE (seconds between the last
 idle connection's response and the memory reading, 1.5), IDLE_SETTLE_MAX (the longest
 wait, 30, for the resident size to stop falling: the `idle (settled)` row), SLOW_CONNS (1000), PROXY_CPU (0),
@@ -90,6 +93,11 @@ TLS_SIDE = os.environ.get("TLS_SIDE", "binary")
 CALLGRIND_TLS_RESUME = os.environ.get("CALLGRIND_TLS_RESUME", "1") == "1"
 ALL = ["small", "64k", "newconn", "tls", "tlsnew", "idle", "slowloris"]
 SCENARIOS = [s for s in os.environ.get("SCENARIOS", ",".join(ALL)).split(",") if s]
+# Each load scenario runs ROUNDS times, ours and nginx back to back each round (who goes
+# first alternates); the table shows the medians, and its ratio row the median of the
+# rounds' own ratios, so that a slow window on the shared machine moves one round, not
+# the result. The idle scenario runs once (it takes its time settling).
+ROUNDS = max(1, int(os.environ.get("ROUNDS", "3")))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SMALL_BODY = "hello, world\n"
 
@@ -422,6 +430,37 @@ def scenario(name, proc, port, tls_port):
     raise ValueError(name)
 
 
+METRICS = ("rps", "cpu_us", "p50", "p99", "peak_mib", "per_conn_kib")
+
+
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def combine(pairs):
+    """One (ours, nginx) result from several rounds: each metric's median, and in
+    ours["ratios"] the median of the rounds' ratios ours/nginx (a round's ratio compares
+    two windows seconds apart; the medians of each side alone may come from different
+    rounds)."""
+    if len(pairs) == 1:
+        return pairs[0]
+    sides = []
+    for side in (0, 1):
+        rs = [p[side] for p in pairs]
+        r = {k: median(x.get(k) for x in rs) for k in METRICS}
+        r["errors"] = " ".join(x["errors"] for x in rs if x.get("errors"))
+        sides.append(r)
+    sides[0]["ratios"] = {
+        k: median(p[0][k] / p[1][k] for p in pairs
+                  if p[0].get(k) is not None and p[1].get(k) not in (None, 0))
+        for k in METRICS}
+    return sides[0], sides[1]
+
+
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -444,10 +483,12 @@ def print_table_rows(name, ours, ngx):
         print(f"| {name} | {who} | {fmt(r['rps'], '.0f')} | {fmt(r['cpu_us'], '.1f')} | "
               f"{fmt(r['p50'], '.2f')} | {fmt(r['p99'], '.2f')} | {fmt(r['peak_mib'], '.1f')} | "
               f"{fmt(r.get('per_conn_kib'), '.2f')} | {r['errors'] or ''} |")
-    print(f"| {name} | **ours/nginx** | {ratio(ours['rps'], ngx['rps'])} | "
-          f"{ratio(ours['cpu_us'], ngx['cpu_us'])} | {ratio(ours['p50'], ngx['p50'])} | "
-          f"{ratio(ours['p99'], ngx['p99'])} | {ratio(ours['peak_mib'], ngx['peak_mib'])} | "
-          f"{ratio(ours.get('per_conn_kib'), ngx.get('per_conn_kib'))} | |")
+    if "ratios" in ours:
+        cells = [fmt(ours["ratios"][k], ".2f") + ("x" if ours["ratios"][k] is not None else "")
+                 for k in METRICS]
+    else:
+        cells = [ratio(ours.get(k), ngx.get(k)) for k in METRICS]
+    print(f"| {name} | **ours/nginx** | " + " | ".join(cells) + " | |")
     if "settled" in ours and "settled" in ngx:
         print_table_rows(f"{name} (settled)", ours["settled"], ngx["settled"])
 
@@ -687,19 +728,25 @@ def main():
         for p in (ours_p, ngx_p):
             wrk(f"http://127.0.0.1:{p}/small", duration=1)
         rows = []
-        for i, name in enumerate(SCENARIOS):
+        turn = 0
+        for name in SCENARIOS:
             is_tls = name.startswith("tls")
             o_proc = tls if is_tls else ours
-            # Alternate who goes first, so neither always runs on a warmer machine.
-            if i % 2 == 0:
-                o = scenario(name, o_proc, ours_p, ours_tls)
-                n = scenario(name, ngx, ngx_p, ngx_tls)
-            else:
-                n = scenario(name, ngx, ngx_p, ngx_tls)
-                o = scenario(name, o_proc, ours_p, ours_tls)
-            rows.append((name, o, n))
+            rounds = 1 if name == "idle" else ROUNDS
+            pairs = []
+            for _ in range(rounds):
+                # Alternate who goes first, so neither always runs on a warmer machine.
+                if turn % 2 == 0:
+                    o = scenario(name, o_proc, ours_p, ours_tls)
+                    n = scenario(name, ngx, ngx_p, ngx_tls)
+                else:
+                    n = scenario(name, ngx, ngx_p, ngx_tls)
+                    o = scenario(name, o_proc, ours_p, ours_tls)
+                turn += 1
+                pairs.append((o, n))
+            rows.append((name, *combine(pairs)))
             print(f"{name}: done", file=sys.stderr)
-        print(f"\nDURATION={DURATION}s CONNS={CONNS} WORKERS={WORKERS} proxies on CPU {PROXY_CPU}, "
+        print(f"\nDURATION={DURATION}s ROUNDS={ROUNDS} CONNS={CONNS} WORKERS={WORKERS} proxies on CPU {PROXY_CPU}, "
               f"load on CPU {LOAD_CPU}; {os.uname().release}; {subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}")
         print_table(rows)
     finally:
