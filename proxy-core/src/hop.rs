@@ -19,7 +19,9 @@
 //! assert!(h.contains_key("x-kept"));
 //! ```
 
-use http::header::{HeaderMap, HeaderName, CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    Entry, HeaderMap, HeaderName, CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 
 /// The hop-by-hop headers that are always removed, besides those `Connection` names.
 const ALWAYS: [&str; 2] = ["keep-alive", "proxy-connection"];
@@ -44,9 +46,15 @@ pub fn strip(headers: &mut HeaderMap, keep_upgrade: bool) {
     if found == 0 {
         return;
     }
-    if found & B_CONNECTION != 0 {
+    // One lookup of `Connection` for reading its lines and removing them. (`try_entry`
+    // fails only past `HeaderMap`'s maximum size; `found` says the header is there.)
+    let connection = match found & B_CONNECTION {
+        0 => None,
+        _ => headers.try_entry(CONNECTION).ok(),
+    };
+    if let Some(Entry::Occupied(lines)) = connection {
         let mut named: Vec<HeaderName> = Vec::new();
-        for value in headers.get_all(CONNECTION) {
+        for value in lines.iter() {
             let Ok(value) = value.to_str() else { continue };
             for token in connection_tokens(value) {
                 if keep_upgrade && token.eq_ignore_ascii_case("upgrade") {
@@ -61,7 +69,7 @@ pub fn strip(headers: &mut HeaderMap, keep_upgrade: bool) {
                 }
             }
         }
-        headers.remove(CONNECTION);
+        lines.remove();
         for name in named {
             headers.remove(name);
         }

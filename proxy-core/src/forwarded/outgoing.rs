@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
+use http::header::{Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
 use http::Uri;
 
 use super::host::{is_host, parse_host};
@@ -59,13 +59,13 @@ pub(crate) fn rewrite(
             headers.remove(&X_FORWARDED_FOR);
         }
         XffPolicy::ResolvedClient => set(headers, X_FORWARDED_FOR, value(client_text.clone())),
-        XffPolicy::Append | XffPolicy::ReplaceUntrusted => {
-            let list = append_to_list(headers, &X_FORWARDED_FOR, keep_chain, |buf| {
-                buf.put_slice(&peer_text)
-            })
-            .unwrap_or_else(|| peer_text.clone());
-            set(headers, X_FORWARDED_FOR, value(list));
-        }
+        XffPolicy::Append | XffPolicy::ReplaceUntrusted => append_to_list(
+            headers,
+            X_FORWARDED_FOR,
+            keep_chain,
+            |buf| buf.put_slice(&peer_text),
+            || peer_text.clone(),
+        ),
     }
 
     apply(headers, config.real_ip, X_REAL_IP, || value(client_text));
@@ -90,15 +90,19 @@ pub(crate) fn rewrite(
                 .map(Into::into),
             proto: Some(info.scheme.as_str().into()),
         };
-        let list = append_to_list(headers, &FORWARDED, keep_chain, |buf| {
-            let _ = write!(buf, "{element}");
-        });
-        let list = list.unwrap_or_else(|| {
-            let mut buf = BytesMut::new();
-            let _ = write!(buf, "{element}");
-            buf.freeze()
-        });
-        set(headers, FORWARDED, value(list));
+        append_to_list(
+            headers,
+            FORWARDED,
+            keep_chain,
+            |buf| {
+                let _ = write!(buf, "{element}");
+            },
+            || {
+                let mut buf = BytesMut::new();
+                let _ = write!(buf, "{element}");
+                buf.freeze()
+            },
+        );
     } else {
         apply(headers, config.forwarded, FORWARDED, || None);
     }
@@ -258,29 +262,54 @@ fn set(headers: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) {
     }
 }
 
-/// The incoming lines of a list header joined with `, `, then `, ` and what `push`
-/// writes; `None` when there is no incoming list to keep.
+/// Set the list header `name` to its incoming lines joined with `, `, then `, ` and
+/// what `push` writes; to `alone` when there is no incoming list to keep (`keep` false,
+/// or no such header). One lookup of the name for reading and replacing the lines.
 fn append_to_list(
-    headers: &HeaderMap,
-    name: &HeaderName,
+    headers: &mut HeaderMap,
+    name: HeaderName,
     keep: bool,
     push: impl FnOnce(&mut BytesMut),
-) -> Option<Bytes> {
-    if !keep || !headers.contains_key(name) {
-        return None;
-    }
-    let lines = headers.get_all(name);
-    let len: usize = lines.iter().map(|v| v.len() + 2).sum();
-    let mut buf = BytesMut::with_capacity(len + 64);
-    for line in lines {
-        let line = trim_list(line.as_bytes());
-        if !line.is_empty() {
-            buf.put_slice(line);
-            buf.put_slice(b", ");
+    alone: impl FnOnce() -> Bytes,
+) {
+    // Only fails past `HeaderMap`'s maximum size, which a request parsed by hyper is far
+    // from; nothing is set then.
+    let Ok(entry) = headers.try_entry(name) else {
+        return;
+    };
+    match entry {
+        Entry::Occupied(mut lines) => {
+            let list = if keep {
+                let len: usize = lines.iter().map(|v| v.len() + 2).sum();
+                let mut buf = BytesMut::with_capacity(len + 64);
+                for line in lines.iter() {
+                    let line = trim_list(line.as_bytes());
+                    if !line.is_empty() {
+                        buf.put_slice(line);
+                        buf.put_slice(b", ");
+                    }
+                }
+                push(&mut buf);
+                buf.freeze()
+            } else {
+                alone()
+            };
+            match value(list) {
+                // Replaces every incoming line.
+                Some(v) => {
+                    lines.insert(v);
+                }
+                None => {
+                    lines.remove();
+                }
+            }
+        }
+        Entry::Vacant(slot) => {
+            if let Some(v) = value(alone()) {
+                slot.insert(v);
+            }
         }
     }
-    push(&mut buf);
-    Some(buf.freeze())
 }
 
 /// A list value without surrounding whitespace and trailing commas.

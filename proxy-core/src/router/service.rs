@@ -80,7 +80,19 @@ where
     S::Future: Send + 'static,
 {
     fn call(&self, req: Request) -> BoxFuture {
-        Box::pin(self.0.clone().oneshot(req))
+        // The stacks here are ready at once (they answer overload with a response rather
+        // than wait in `poll_ready`), so the clone is asked once, without a waker, and
+        // only the call's future is boxed: a oneshot would move the clone and the
+        // request into the box and out again. A stack that is not ready (a concurrency
+        // limit's permit) is driven by the oneshot as before, which polls it again with
+        // the task's waker.
+        let mut svc = self.0.clone();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match tower_service::Service::poll_ready(&mut svc, &mut cx) {
+            Poll::Ready(Ok(())) => Box::pin(tower_service::Service::call(&mut svc, req)),
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => Box::pin(svc.oneshot(req)),
+        }
     }
 }
 
