@@ -64,7 +64,7 @@ pub(crate) fn rewrite(
             X_FORWARDED_FOR,
             keep_chain,
             |buf| buf.put_slice(&peer_text),
-            || peer_text.clone(),
+            Some(peer_text.clone()),
         ),
     }
 
@@ -97,11 +97,7 @@ pub(crate) fn rewrite(
             |buf| {
                 let _ = write!(buf, "{element}");
             },
-            || {
-                let mut buf = BytesMut::new();
-                let _ = write!(buf, "{element}");
-                buf.freeze()
-            },
+            None,
         );
     } else {
         apply(headers, config.forwarded, FORWARDED, || None);
@@ -263,14 +259,15 @@ fn set(headers: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) {
 }
 
 /// Set the list header `name` to its incoming lines joined with `, `, then `, ` and
-/// what `push` writes; to `alone` when there is no incoming list to keep (`keep` false,
-/// or no such header). One lookup of the name for reading and replacing the lines.
+/// what `push` writes; when there is no incoming list to keep (`keep` false, or no such
+/// header), to `alone`, or to what `push` writes alone. One lookup of the name for
+/// reading and replacing the lines.
 fn append_to_list(
     headers: &mut HeaderMap,
     name: HeaderName,
     keep: bool,
     push: impl FnOnce(&mut BytesMut),
-    alone: impl FnOnce() -> Bytes,
+    alone: Option<Bytes>,
 ) {
     // Only fails past `HeaderMap`'s maximum size, which a request parsed by hyper is far
     // from; nothing is set then.
@@ -292,7 +289,7 @@ fn append_to_list(
                 push(&mut buf);
                 buf.freeze()
             } else {
-                alone()
+                alone_or(alone, push)
             };
             match value(list) {
                 // Replaces every incoming line.
@@ -305,11 +302,20 @@ fn append_to_list(
             }
         }
         Entry::Vacant(slot) => {
-            if let Some(v) = value(alone()) {
+            if let Some(v) = value(alone_or(alone, push)) {
                 slot.insert(v);
             }
         }
     }
+}
+
+/// `alone`, or what `push` writes into a new buffer.
+fn alone_or(alone: Option<Bytes>, push: impl FnOnce(&mut BytesMut)) -> Bytes {
+    alone.unwrap_or_else(|| {
+        let mut buf = BytesMut::new();
+        push(&mut buf);
+        buf.freeze()
+    })
 }
 
 /// A list value without surrounding whitespace and trailing commas.
